@@ -1,0 +1,1 @@
+"""Sample loading, observers, exponent-bias selection and BatchNorm re-estimation."""

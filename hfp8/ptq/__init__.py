@@ -1,0 +1,1 @@
+"""Formats, fake quantization, model transform and export."""
