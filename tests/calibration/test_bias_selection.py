@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import hfp8
 from hfp8 import FloatFormat
+from hfp8.calibration.bias_selection import valid_bias_range
 from tests.reference import ml_dtypes_round
 
 
@@ -113,8 +114,13 @@ def test_scaling_by_a_power_of_two_shifts_the_bias(xs, fmt, k, method):
     x = torch.tensor(xs)
     if not bool((x != 0).any()):
         return
-    assert hfp8.select_exponent_bias(2.0**k * x, fmt, method) == \
-        hfp8.select_exponent_bias(x, fmt, method) - k
+    scaled = hfp8.select_exponent_bias(2.0**k * x, fmt, method)
+    plain = hfp8.select_exponent_bias(x, fmt, method)
+    low, high = valid_bias_range(fmt)
+    if not (low + 12 < plain < high - 12):
+        # e.g. x = 1e-45: its bias is clamped to the float32-valid range (tested elsewhere)
+        return
+    assert scaled == plain - k
 
 
 @settings(max_examples=150, deadline=None)

@@ -1,0 +1,51 @@
+"""INT8 symmetric fake quantization, the usual PTQ baseline (for benchmarks only).
+
+Weights: ``s = max|w| / 127`` per tensor or per output channel, ``w_q = s * clamp(round(w/s),
+-127, 127)``. Inputs of the same layers hfp8 quantizes: ``s = max|x| / 127`` over the
+calibration data (max calibration), ``x_q = s * clamp(round(x/s), -128, 127)``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from hfp8.ptq.transform import plan_layers
+
+
+def _quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(t / scale), -128, 127) * scale
+
+
+def int8_quantize_model(model: nn.Module, calibration, config, per_channel: bool) -> nn.Module:
+    """INT8 copy of ``model`` quantizing the layers ``config`` selects (same first/last rule)."""
+    qmodel = copy.deepcopy(model).eval()
+    names = [name for name, reason in plan_layers(qmodel, config).items() if reason is None]
+    amax = {name: torch.zeros(()) for name in names}
+    handles = []
+    for name in names:
+        layer = qmodel.get_submodule(name)
+        with torch.no_grad():
+            w = layer.weight
+            dims = tuple(range(1, w.dim()))
+            scale = (w.abs().amax(dim=dims, keepdim=True) if per_channel else w.abs().max()) / 127
+            w.copy_(torch.clamp(_quantize(w, scale), -127 * scale, 127 * scale))
+
+        def observe(module, args, name=name):
+            amax[name] = torch.maximum(amax[name], args[0].detach().abs().max())
+        handles.append(layer.register_forward_pre_hook(observe))
+    with torch.no_grad():
+        for batch in calibration:
+            qmodel(batch)
+    for handle in handles:
+        handle.remove()
+    for name in names:
+        scale = amax[name] / 127
+
+        def quantize_input(module, args, scale=scale):
+            return (_quantize(args[0], scale),) + tuple(args[1:])
+        qmodel.get_submodule(name).register_forward_pre_hook(quantize_input)
+    return qmodel

@@ -1,0 +1,174 @@
+"""BatchNorm re-estimation: recompute running statistics from the model's own activations.
+
+During one pass over the calibration data every BatchNorm layer normalizes with the statistics
+of the current batch (as in training: weights frozen, no gradients), while a hook accumulates,
+per channel, the exact mean and variance of its inputs over all batches (Chan et al.'s pairwise
+merge, float64): a cumulative average over every value, not an exponential moving average, so
+batch order and unequal batch sizes do not matter. Only at the end are the running statistics
+replaced; momentum and the batch counter are restored.
+
+Methods:
+
+* ``"full"`` (the HFP8 paper): running_mean, running_var := mean, unbiased variance measured on
+  the calibration data.
+* ``"shift"``: measures the same statistics on a float ``reference`` model over the same batches
+  and adds only the difference that quantization makes to the model's existing statistics::
+
+      running_mean := running_mean + (mean_quantized - mean_reference)
+      running_var  := max(running_var + (var_quantized - var_reference), 0)
+
+  The data-dependent part cancels, so a few hundred unrepresentative samples still give the
+  right correction, while ``"full"`` would replace ImageNet-scale statistics by those of a small
+  calibration set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from hfp8.calibration.batches import calibration_batches, model_device
+
+__all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers"]
+
+BN_METHODS = ("full", "shift")
+
+
+def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    """BatchNorm layers that keep running statistics, by name."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, _BatchNorm) and module.track_running_stats
+            and module.running_mean is not None}
+
+
+class _ChannelMoments:
+    """Forward hook: merges each call's batch mean and variance into running totals (float64).
+
+    While measuring, BatchNorm runs with ``momentum=1.0``, so right after each call its
+    ``running_mean``/``running_var`` hold exactly that batch's mean and unbiased variance, which
+    BatchNorm computed anyway; no second pass over the activations is needed.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = None
+        self.m2 = None
+
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        x = args[0]
+        batch_count = x.numel() // x.shape[1]
+        batch_mean = module.running_mean.double()
+        batch_m2 = module.running_var.double() * (batch_count - 1)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = batch_count, batch_mean, batch_m2
+            return
+        total = self.count + batch_count
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (batch_count / total)
+        self.m2 = self.m2 + batch_m2 + delta * delta * (self.count * batch_count / total)
+        self.count = total
+
+    def variance(self) -> torch.Tensor:
+        """Unbiased variance, as BatchNorm's running_var stores it."""
+        return self.m2 / max(self.count - 1, 1)
+
+
+def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[list, int, int]:
+    """One pass; returns per model {bn name: moments}, batches seen and samples seen."""
+    saved_training = [{m: m.training for m in model.modules()} for model in models]
+    saved_state = {}  # bn -> (momentum, running_mean, running_var, num_batches_tracked)
+    handles = []
+    moments = [{} for _ in models]
+    batches = samples = 0
+    try:
+        for index, model in enumerate(models):
+            model.eval()
+            for name, bn in batchnorm_layers(model).items():
+                saved_state[bn] = (bn.momentum, bn.running_mean.clone(), bn.running_var.clone(),
+                                   None if bn.num_batches_tracked is None
+                                   else bn.num_batches_tracked.clone())
+                bn.train()  # normalize with batch statistics; weights stay frozen (no grad)
+                bn.momentum = 1.0  # running stats := this batch's stats, read by the hook
+                moments[index][name] = _ChannelMoments()
+                handles.append(bn.register_forward_hook(moments[index][name]))
+        devices = [model_device(model) for model in models]
+        with torch.no_grad():
+            for x in calibration_batches(calibration, num_batches, devices[0],
+                                         "BatchNorm re-estimation", quiet):
+                for model, device in zip(models, devices):
+                    try:
+                        model(x.to(device))
+                    except ValueError as error:
+                        if "more than 1 value per channel" in str(error):
+                            raise ValueError(
+                                "BatchNorm re-estimation needs more than one value per channel in "
+                                "each batch (use batches of 2 or more samples)") from None
+                        raise
+                batches += 1
+                samples += x.shape[0] if x.dim() else 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for bn, (momentum, mean, var, tracked) in saved_state.items():
+                bn.momentum = momentum
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                if tracked is not None:
+                    bn.num_batches_tracked.copy_(tracked)
+        for training in saved_training:
+            for module, value in training.items():
+                module.train(value)
+    return moments, batches, samples
+
+
+def recalibrate_batchnorm(
+    model: nn.Module,
+    calibration,
+    num_batches: int | None = None,
+    *,
+    method: str = "full",
+    reference: nn.Module | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Re-estimate the running statistics of every BatchNorm layer of ``model`` in place.
+
+    ``calibration``: an iterable of input batches (tensors or ``(inputs, ...)`` tuples); at most
+    ``num_batches`` are used. ``method="shift"`` needs ``reference``, the float model with the
+    same BatchNorm layer names (see the module docstring). Train/eval flags and every other
+    piece of state are restored, also when the pass fails; on failure no statistic changes.
+    Returns a report: method, BatchNorm layers updated, batches and samples used, and the layers
+    that never ran (left unchanged).
+    """
+    if method not in BN_METHODS:
+        raise ValueError(f"method must be one of {BN_METHODS}, got {method!r}")
+    layers = batchnorm_layers(model)
+    report = {"method": method, "batchnorm_layers": len(layers), "batches": 0, "samples": 0,
+              "not_reached": []}
+    if not layers:
+        return report
+    models = [model]
+    if method == "shift":
+        if reference is None:
+            raise ValueError("method='shift' needs the float reference model (reference=...)")
+        reference_layers = batchnorm_layers(reference)
+        missing = sorted(set(layers) - set(reference_layers))
+        if missing:
+            raise ValueError(f"reference model has no BatchNorm layer named {missing[0]!r}")
+        models.append(reference)
+    moments, report["batches"], report["samples"] = _measure(models, calibration, num_batches, quiet)
+    with torch.no_grad():
+        for name, bn in layers.items():
+            measured = moments[0][name]
+            baseline = moments[1][name] if method == "shift" else measured
+            if measured.mean is None or baseline.mean is None:
+                report["not_reached"].append(name)
+                continue
+            mean, variance = measured.mean, measured.variance()
+            if method == "shift":
+                mean = bn.running_mean.double() + (mean - baseline.mean)
+                variance = (bn.running_var.double() + (variance - baseline.variance())).clamp_min(0)
+            bn.running_mean.copy_(mean.to(bn.running_mean))
+            bn.running_var.copy_(variance.to(bn.running_var))
+    return report

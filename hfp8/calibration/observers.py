@@ -1,0 +1,140 @@
+"""Streaming observer of a layer's inputs: exact max, and a histogram for MSE bias search.
+
+Memory is fixed whatever the number of calibration samples: one exact running ``max|x|`` and a
+histogram of ``|x|`` over float32 bit patterns. Bin ``k`` holds the magnitudes whose float32
+bits shifted right by 16 equal ``k``: one bin per (exponent, top 7 mantissa bits), 32768 bins.
+For each bin it keeps the count, ``sum |x|`` and ``sum x^2`` (float64).
+
+Why this binning is exact for formats with at most 6 mantissa bits: grid points, rounding
+midpoints, ``max_finite`` and half the smallest subnormal all fall on bin edges, so every value in
+a bin rounds to the same grid point ``q`` (a value on the bin's left edge may be a tie, whose
+error is the same either way). The bin's squared error is then exactly
+``sum (|x| - q)^2 = S2 - 2 q S1 + n q^2``, and the histogram gives the same ``mse`` bias as
+:func:`hfp8.select_exponent_bias` on the whole data. For wider mantissas it is an approximation.
+
+To keep calibration cheap on large activations, each :meth:`observe` call puts at most
+``sample_size`` values (drawn uniformly with replacement by a seeded generator) into the
+histogram; smaller tensors go in whole. The max is always exact over every value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hfp8.calibration.bias_selection import BIAS_METHODS, max_bias_for_amax, valid_bias_range
+from hfp8.calibration.bias_selection import DEFAULT_SEARCH_RADIUS
+from hfp8.ptq.fake_quant import fake_quantize
+from hfp8.ptq.formats import FloatFormat
+
+__all__ = ["HistogramObserver"]
+
+_SHIFT = 16
+_BINS = 1 << (31 - _SHIFT)  # magnitudes only: 2^15 bins
+_FIRST_NON_FINITE_BIN = 0x7F800000 >> _SHIFT  # +Inf and every NaN land at or above this bin
+
+
+def _bin_midpoints() -> torch.Tensor:
+    """float32 midpoint of every finite bin (bit pattern ``k << 16 | 0x8000``)."""
+    bins = torch.arange(_FIRST_NON_FINITE_BIN, dtype=torch.int64)
+    return ((bins << _SHIFT) | (1 << (_SHIFT - 1))).to(torch.int32).view(torch.float32)
+
+
+class HistogramObserver:
+    """Sees tensors with :meth:`observe`; decides a bias with :meth:`exponent_bias`."""
+
+    def __init__(self, sample_size: int = 1 << 16, seed: int = 0) -> None:
+        self.sample_size = sample_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.amax = 0.0
+        self.num_values = 0  # every value seen (finite or not)
+        self.num_calls = 0
+        self.counts = torch.zeros(_BINS, dtype=torch.float64)
+        self.sums = torch.zeros(_BINS, dtype=torch.float64)
+        self.squares = torch.zeros(_BINS, dtype=torch.float64)
+
+    # -- seeing ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        values = x.detach().reshape(-1)
+        if values.numel() == 0:
+            return
+        self.num_calls += 1
+        self.num_values += values.numel()
+        low, high = torch.aminmax(values)  # one pass, no |x| temporary
+        batch_max = torch.maximum(low.abs(), high.abs())
+        if not torch.isfinite(batch_max):
+            finite = values[torch.isfinite(values)]
+            batch_max = finite.abs().max() if finite.numel() else batch_max.new_zeros(())
+        self.amax = max(self.amax, float(batch_max))
+        if values.numel() > self.sample_size:
+            index = torch.randint(values.numel(), (self.sample_size,), generator=self.generator)
+            values = values[index.to(values.device)]
+        magnitude = values.float().abs().cpu()
+        bins = (magnitude.view(torch.int32) >> _SHIFT).to(torch.int64)
+        as_double = magnitude.double()
+        self.counts += torch.bincount(bins, minlength=_BINS).double()
+        self.sums += torch.bincount(bins, weights=as_double, minlength=_BINS)
+        self.squares += torch.bincount(bins, weights=as_double * as_double, minlength=_BINS)
+
+    # -- deciding --------------------------------------------------------------------------------
+    def _finite(self):
+        cut = _FIRST_NON_FINITE_BIN
+        return self.counts[:cut], self.sums[:cut], self.squares[:cut]
+
+    def squared_error(self, fmt: FloatFormat) -> float:
+        """Sum of squared rounding errors of the histogrammed finite values at ``fmt``."""
+        counts, sums, squares = self._finite()
+        q = fake_quantize(_bin_midpoints(), fmt).double()
+        return float((squares - 2 * q * sums + counts * q * q).clamp_min(0).sum())
+
+    def exponent_bias(self, fmt: FloatFormat, method: str = "mse",
+                      search_radius: int = DEFAULT_SEARCH_RADIUS) -> int:
+        """Bias by ``method`` (as :func:`hfp8.select_exponent_bias`; ``fmt``'s own if nothing seen)."""
+        if method not in BIAS_METHODS:
+            raise ValueError(f"method must be one of {BIAS_METHODS}, got {method!r}")
+        if self.amax == 0.0:
+            return fmt.exponent_bias
+        widest = int(max_bias_for_amax(torch.tensor([self.amax]), fmt)[0])
+        if method == "max":
+            return widest
+        _, high = valid_bias_range(fmt)
+        best, best_error = widest, self.squared_error(fmt.with_bias(widest))
+        for bias in range(widest + 1, min(widest + search_radius, high) + 1):
+            error = self.squared_error(fmt.with_bias(bias))
+            if error < best_error:
+                best, best_error = bias, error
+        return best
+
+    def summary(self, fmt: FloatFormat) -> dict:
+        """What rounding at ``fmt`` (bias included) does to the observed values.
+
+        Fractions are over the histogrammed values (all of them, or the random sample).
+        ``saturated``: |x| at or above max_finite (clipped, or exactly the max);
+        ``flushed``: non-zero values that round to zero; ``sqnr_db``: 10 log10(sum x^2 / SSE).
+        """
+        counts, sums, squares = self._finite()
+        total = float(self.counts.sum())
+        if total == 0:
+            return {"values_seen": self.num_values, "calls": self.num_calls, "amax": self.amax}
+        midpoints = _bin_midpoints()
+        q = fake_quantize(midpoints, fmt)
+        saturated = float(counts[midpoints > fmt.max_finite].sum())
+        nonzero = torch.arange(len(counts)) > 0  # bin 0: zeros and float32 values below 2^-133
+        flushed = float(counts[(q == 0) & nonzero].sum())
+        error = self.squared_error(fmt)
+        signal = float(squares.sum())
+        # None: no rounding error at all (SQNR infinite), kept JSON-friendly.
+        sqnr = None if error == 0 else 10 * math.log10(signal / error) if signal > 0 else 0.0
+        return {
+            "values_seen": self.num_values,
+            "calls": self.num_calls,
+            "values_histogrammed": int(total),
+            "amax": self.amax,
+            "saturated_fraction": saturated / total,
+            "flushed_fraction": flushed / total,
+            "zero_fraction": float(counts[0]) / total,
+            "non_finite_fraction": float(self.counts[_FIRST_NON_FINITE_BIN:].sum()) / total,
+            "sqnr_db": sqnr,
+        }

@@ -1,0 +1,101 @@
+"""QuantConfig: what to quantize, in which formats, and how to choose exponent biases."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hfp8.ptq.formats import E4M3, FloatFormat
+
+__all__ = ["QuantConfig", "BIAS_CHOICES", "GRANULARITIES", "BN_MODES"]
+
+BIAS_CHOICES = ("mse", "max", "fixed")  # "fixed": keep the format's own exponent bias
+GRANULARITIES = ("per_tensor", "per_channel")
+BN_MODES = ("shift", "full", "none")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How :func:`hfp8.quantize_model` quantizes a model.
+
+    Attributes:
+        weight_format: format of Conv/Linear weights; ``None`` keeps weights in float.
+        activation_format: format of each quantized layer's input; ``None`` keeps inputs float.
+        weight_granularity: ``"per_tensor"`` (one bias per weight) or ``"per_channel"`` (one
+            bias per output channel).
+        weight_bias_method / activation_bias_method: ``"mse"``, ``"max"`` (see
+            :func:`hfp8.select_exponent_bias`) or ``"fixed"`` (the format's own bias).
+        keep_first_and_last: keep the first and the last quantizable layer (module registration
+            order) in full precision, as the HFP8 paper does.
+        exclude: fnmatch patterns of module names kept in full precision.
+        include: fnmatch patterns of module names quantized even if they are the first or last
+            layer. A name may not match both lists; every pattern must match some layer.
+        num_calibration_batches: use at most this many batches per calibration pass
+            (``None``: all of them).
+        bn_recalibration: ``"shift"`` (default: add the shift that quantization causes, measured
+            on the calibration data, to the model's own statistics; robust with few samples),
+            ``"full"`` (replace statistics by those of the calibration data, as in the paper) or
+            ``"none"``.
+    """
+
+    weight_format: FloatFormat | None = E4M3
+    activation_format: FloatFormat | None = E4M3
+    weight_granularity: str = "per_channel"
+    weight_bias_method: str = "mse"
+    activation_bias_method: str = "mse"
+    keep_first_and_last: bool = True
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    include: tuple[str, ...] = field(default_factory=tuple)
+    num_calibration_batches: int | None = None
+    bn_recalibration: str = "shift"
+
+    def __post_init__(self) -> None:
+        for name in ("weight_format", "activation_format"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, FloatFormat):
+                raise TypeError(f"{name} must be a FloatFormat or None, got {value!r}")
+        _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        _check_choice("weight_bias_method", self.weight_bias_method, BIAS_CHOICES)
+        _check_choice("activation_bias_method", self.activation_bias_method, BIAS_CHOICES)
+        _check_choice("bn_recalibration", self.bn_recalibration, BN_MODES)
+        for name in ("exclude", "include"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str):
+                patterns = (patterns,)
+            patterns = tuple(patterns)
+            if not all(isinstance(p, str) and p for p in patterns):
+                raise TypeError(f"{name} must be a sequence of non-empty name patterns")
+            object.__setattr__(self, name, patterns)
+        batches = self.num_calibration_batches
+        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
+                                    or batches < 1):
+            raise ValueError(f"num_calibration_batches must be a positive int or None, got {batches!r}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; formats as their fields."""
+        data = asdict(self)
+        for name in ("weight_format", "activation_format"):
+            fmt = getattr(self, name)
+            data[name] = None if fmt is None else format_to_dict(fmt)
+        data["exclude"], data["include"] = list(self.exclude), list(self.include)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        values = dict(data)
+        for name in ("weight_format", "activation_format"):
+            values[name] = format_from_dict(values.get(name))
+        return cls(**values)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def format_to_dict(fmt: FloatFormat) -> dict:
+    return {"exponent_bits": fmt.exponent_bits, "mantissa_bits": fmt.mantissa_bits,
+            "exponent_bias": fmt.exponent_bias, "specials": fmt.specials}
+
+
+def format_from_dict(data: dict | None) -> FloatFormat | None:
+    return None if data is None else FloatFormat(**data)

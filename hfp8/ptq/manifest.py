@@ -1,0 +1,115 @@
+"""The manifest of a quantized model: per layer what was done, plus how; and its text table."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfp8.ptq.config import format_to_dict
+from hfp8.ptq.layers import QUANTIZED_TYPES
+from hfp8.ptq.transform import REPORT_ATTRIBUTE, quantized_layers
+
+__all__ = ["manifest", "format_manifest", "MANIFEST_VERSION"]
+
+MANIFEST_VERSION = 1
+
+
+def _bias_value(buffer: torch.Tensor):
+    return buffer.tolist() if buffer.dim() else int(buffer)
+
+
+def manifest(qmodel: nn.Module) -> dict:
+    """JSON-ready description of a model returned by :func:`hfp8.quantize_model`.
+
+    Keys: ``hfp8_ptq_version``, ``manifest_version``, ``config``, ``calibration_samples``,
+    ``batchnorm`` (re-estimation report or None) and ``layers``: one entry per Conv/Linear layer
+    in registration order with ``name``, ``type``, ``status`` ("quantized" or "float"),
+    ``reason`` (why float), ``weight_format``/``weight_exponent_bias`` (an int, or a list per
+    output channel), ``input_format``/``input_exponent_bias`` and ``observer`` (saturated and
+    flushed fractions, SQNR, max |x| of the calibration inputs).
+    """
+    from hfp8 import __version__
+
+    report = getattr(qmodel, REPORT_ATTRIBUTE, None)
+    if report is None:
+        raise ValueError("this model was not produced by hfp8.quantize_model (no hfp8 report)")
+    quantized = quantized_layers(qmodel)
+    float_types = tuple(QUANTIZED_TYPES)
+    layers = []
+    for name, module in qmodel.named_modules():
+        if name in quantized:
+            layer = quantized[name]
+            wf, inf = layer.weight_format, layer.input_format
+            layers.append({
+                "name": name,
+                "type": type(layer).__name__,
+                "status": "quantized",
+                "reason": None,
+                "weight_format": None if wf is None else format_to_dict(wf),
+                "weight_exponent_bias": None if wf is None else _bias_value(layer.weight_exponent_bias),
+                "input_format": None if inf is None else format_to_dict(inf),
+                "input_exponent_bias": None if inf is None else int(layer.input_exponent_bias),
+                "observer": report["observers"].get(name),
+            })
+        elif type(module) in float_types and name in report["kept_float"]:
+            layers.append({"name": name, "type": type(module).__name__, "status": "float",
+                           "reason": report["kept_float"][name]})
+    return {
+        "hfp8_ptq_version": __version__,
+        "manifest_version": MANIFEST_VERSION,
+        "config": report["config"],
+        "calibration_samples": report["calibration_samples"],
+        "batchnorm": report["batchnorm"],
+        "layers": layers,
+    }
+
+
+def _format_name(fmt: dict | None, bias) -> str:
+    if fmt is None:
+        return "float"
+    name = f"E{fmt['exponent_bits']}M{fmt['mantissa_bits']}"
+    if isinstance(bias, list):
+        low, high = min(bias), max(bias)
+        return f"{name} b={low}..{high}" if low != high else f"{name} b={low}"
+    return f"{name} b={bias}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.3g}%"
+
+
+def format_manifest(data: dict) -> str:
+    """A human-readable table of a manifest (as returned by :func:`manifest`)."""
+    config = data["config"]
+    lines = [
+        f"hfp8-ptq {data['hfp8_ptq_version']}  weights: {config['weight_granularity']}, "
+        f"{config['weight_bias_method']} bias; inputs: {config['activation_bias_method']} bias; "
+        f"BN re-estimation: {config['bn_recalibration']}; "
+        f"calibration samples: {data['calibration_samples']}",
+    ]
+    bn = data.get("batchnorm")
+    if bn:
+        lines.append(f"BatchNorm: {bn['batchnorm_layers']} layers re-estimated ({bn['method']}) "
+                     f"from {bn['samples']} samples"
+                     + (f"; never reached: {', '.join(bn['not_reached'])}" if bn["not_reached"] else ""))
+    header = ("layer", "type", "weight", "input", "saturated", "flushed", "SQNR dB", "note")
+    rows = []
+    for layer in data["layers"]:
+        if layer["status"] == "float":
+            rows.append((layer["name"], layer["type"], "float", "float", "-", "-", "-", layer["reason"]))
+            continue
+        observer = layer.get("observer") or {}
+        sqnr = observer.get("sqnr_db")
+        rows.append((
+            layer["name"], layer["type"],
+            _format_name(layer["weight_format"], layer["weight_exponent_bias"]),
+            _format_name(layer["input_format"], layer["input_exponent_bias"]),
+            _percent(observer.get("saturated_fraction")), _percent(observer.get("flushed_fraction")),
+            "-" if sqnr is None else f"{sqnr:.1f}", observer.get("warning", ""),
+        ))
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    quantized = sum(layer["status"] == "quantized" for layer in data["layers"])
+    lines.append(f"{quantized} of {len(data['layers'])} layers quantized")
+    return "\n".join(lines)
