@@ -22,7 +22,9 @@ def manifest(qmodel: nn.Module) -> dict:
     """JSON-ready description of a model returned by :func:`hfp8.quantize_model`.
 
     Keys: ``hfp8_ptq_version``, ``manifest_version``, ``config``, ``calibration_samples``,
-    ``batchnorm`` (re-estimation report or None) and ``layers``: one entry per Conv/Linear layer
+    ``batchnorm`` (re-estimation report or None), ``metadata`` (free-form JSON the caller put in
+    ``qmodel.hfp8_report["metadata"]``; the CLI records architecture, preprocessing and input
+    shape there) and ``layers``: one entry per Conv/Linear layer
     in registration order with ``name``, ``type``, ``status`` ("quantized" or "float"),
     ``reason`` (why float), ``weight_format``/``weight_exponent_bias`` (an int, or a list per
     output channel), ``input_format``/``input_exponent_bias`` and ``observer`` (saturated and
@@ -60,6 +62,7 @@ def manifest(qmodel: nn.Module) -> dict:
         "config": report["config"],
         "calibration_samples": report["calibration_samples"],
         "batchnorm": report["batchnorm"],
+        "metadata": report.get("metadata"),
         "layers": layers,
     }
 

@@ -110,5 +110,6 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                       if layer["status"] == "quantized"},
         "batchnorm": data["batchnorm"],
         "calibration_samples": data["calibration_samples"],
+        "metadata": data.get("metadata"),
     })
     return qmodel

@@ -1,0 +1,179 @@
+"""hfp8-ptq: the command line. Thin: it builds configs, calls the Python API and reports.
+
+Exit codes: 0 success, 2 usage or input error (one line on stderr, no traceback), 1 internal
+error or a failed ONNX verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from hfp8 import cli_commands as commands
+
+__all__ = ["main", "build_parser"]
+
+EPILOGS = {
+    "quantize": """examples:
+  hfp8-ptq quantize model.pt --arch mypkg.models:resnet18 --calib photos/ -o model.hfp8.pt
+  hfp8-ptq quantize model.pt --arch hfp8.examples:fashion_cnn --calib calibration \\
+      --channels 1 --mean 0 --std 1 --resize 0 --crop 0 -o model.hfp8.pt --onnx model.onnx
+  hfp8-ptq quantize model.pt --arch m.py:build --calib photos/ --exclude 'features.1.*' -o q.pt""",
+    "recalibrate-bn": """examples:
+  hfp8-ptq recalibrate-bn model.hfp8.pt --calib more_photos/ -o model.hfp8.pt.new
+  hfp8-ptq recalibrate-bn model.hfp8.pt --calib photos/ --method shift --reference model.pt -o q2.pt""",
+    "export": """examples:
+  hfp8-ptq export model.hfp8.pt -o model.onnx
+  hfp8-ptq export model.hfp8.pt -o model.onnx --verify-data photos/ --opset 21""",
+    "evaluate": """examples:
+  hfp8-ptq evaluate model.onnx --data test/                       (top-1: one sub-folder per class)
+  hfp8-ptq evaluate model.hfp8.pt --data photos/ --reference model.pt --arch mypkg.models:net
+  hfp8-ptq evaluate model.pt --arch hfp8.examples:fashion_cnn --data test/ --channels 1 ...""",
+    "inspect": """examples:
+  hfp8-ptq inspect model.hfp8.pt
+  hfp8-ptq inspect model.onnx --json""",
+    "example": """examples:
+  hfp8-ptq example demo && cd demo   (then follow the commands it prints)""",
+}
+
+
+def _model_arguments(parser, reference: bool = False) -> None:
+    parser.add_argument("--arch", metavar="MODULE:FACTORY",
+                        help="callable that builds the float model: package.module:factory or "
+                             "path/to/file.py:factory (needed for state dicts)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow loading a whole pickled nn.Module (runs code from the file)")
+    if reference:
+        parser.add_argument("--reference", metavar="MODEL",
+                            help="float model to compare with (agreement, KL, logit SQNR)")
+
+
+def _sample_arguments(parser, labels_note: str = "") -> None:
+    group = parser.add_argument_group("samples" + labels_note)
+    group.add_argument("--resize", type=int, metavar="PIXELS",
+                       help="resize the short side (default 256; 0 = keep)")
+    group.add_argument("--crop", type=int, metavar="PIXELS",
+                       help="centre crop (default 224; 0 = none)")
+    group.add_argument("--mean", type=float, nargs="+", help="per-channel mean on the [0,1] scale "
+                       "(default ImageNet's)")
+    group.add_argument("--std", type=float, nargs="+", help="per-channel std (default ImageNet's)")
+    group.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale, 3 = RGB (default)")
+    group.add_argument("--num-samples", type=int, metavar="N", help="use at most N samples")
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--seed", type=int, default=0, help="seed for choosing --num-samples")
+    group.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    group.add_argument("--strict", action="store_true",
+                       help="stop at the first unreadable file instead of skipping it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hfp8-ptq", description="Post-training quantization to HFP8 (1-4-3 / 1-5-2) with "
+        "exact FP8 QDQ ONNX export.")
+    parser.add_argument("--version", action="version", version=f"hfp8-ptq {commands.version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    q = command("quantize", "quantize a float model with calibration samples")
+    q.add_argument("model", help="float model: a state dict (with --arch) or a pickled module")
+    q.add_argument("--calib", required=True, metavar="DIR", help="folder of calibration samples")
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file")
+    q.add_argument("--onnx", metavar="FILE", help="also export (and verify) FP8 QDQ ONNX")
+    q.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
+    _model_arguments(q)
+    fmt = q.add_argument_group("quantization")
+    fmt.add_argument("--format", choices=("e4m3", "e5m2"), default="e4m3",
+                     help="weights and activations (default e4m3, the HFP8 forward format)")
+    fmt.add_argument("--bias-method", choices=("mse", "max", "fixed"), default="mse",
+                     help="exponent-bias selection for weights and inputs (default mse)")
+    fmt.add_argument("--per-tensor", action="store_true",
+                     help="one weight bias per tensor (default: one per output channel)")
+    fmt.add_argument("--weights-only", action="store_true", help="keep layer inputs in float")
+    fmt.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                     help="keep layers matching this name pattern in float (repeatable)")
+    fmt.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                     help="quantize matching layers even if first or last (repeatable)")
+    fmt.add_argument("--quantize-first-last", action="store_true",
+                     help="also quantize the first and last layer (kept float by default)")
+    fmt.add_argument("--no-bn-recalibration", action="store_true",
+                     help="keep the model's BatchNorm statistics as they are")
+    fmt.add_argument("--bn-method", choices=("shift", "full"), default="shift",
+                     help="BN re-estimation: shift (default; robust with few samples) or full")
+    _sample_arguments(q)
+
+    r = command("recalibrate-bn", "re-estimate BatchNorm statistics of a quantized model")
+    r.add_argument("qmodel", help="quantized model file (from quantize)")
+    r.add_argument("--calib", required=True, metavar="DIR")
+    r.add_argument("-o", "--output", required=True, metavar="OUT")
+    r.add_argument("--method", choices=("full", "shift"), default="full",
+                   help="full (default) or shift (needs --reference, the float model)")
+    _model_arguments(r, reference=True)
+    _sample_arguments(r, " (defaults: those the model was quantized with)")
+
+    e = command("export", "export a quantized model as FP8 QDQ ONNX and verify it")
+    e.add_argument("qmodel", help="quantized model file (from quantize)")
+    e.add_argument("-o", "--output", required=True, metavar="FILE")
+    e.add_argument("--opset", type=int, default=19, help="ONNX opset 19..21 (default 19)")
+    e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
+    e.add_argument("--verify-data", metavar="DIR", help="samples for verification (default: "
+                   "seeded random inputs of the model's input shape)")
+    _model_arguments(e)
+    _sample_arguments(e, " (for --verify-data)")
+
+    v = command("evaluate", "top-1 on a labelled folder, or fidelity to a reference model")
+    v.add_argument("model", help="float model, quantized model or ONNX file")
+    v.add_argument("--data", required=True, metavar="DIR",
+                   help="one sub-folder per class (top-1), or any samples with --reference")
+    _model_arguments(v, reference=True)
+    _sample_arguments(v)
+
+    i = command("inspect", "show a quantized model's manifest (layers, formats, biases)")
+    i.add_argument("file", help="quantized model file or exported ONNX file")
+
+    x = command("example", "copy the built-in example (model + sample folders) into a folder")
+    x.add_argument("folder", help="new or empty folder")
+
+    for p in (q, r, e):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    for p in (q, r, e, v, i, x):
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"hfp8-ptq: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning  # one line per warning, no source excerpt
+    handler = {"quantize": commands.quantize, "recalibrate-bn": commands.recalibrate_bn,
+               "export": commands.export, "evaluate": commands.evaluate,
+               "inspect": commands.inspect, "example": commands.example}[args.command]
+    try:
+        report, text, code = handler(args)
+    except commands.INPUT_ERRORS as error:
+        print(f"hfp8-ptq {args.command}: error: {commands.one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hfp8-ptq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last line of defence
+        if args.debug:
+            raise
+        print(f"hfp8-ptq {args.command}: internal error: {type(error).__name__}: "
+              f"{commands.one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
