@@ -43,7 +43,7 @@ def rows() -> list[tuple[str, object]]:
         ("E4M3, bias selection (mse), no BN re-est.", C(bn_recalibration="none")),
         ("E4M3, bias selection + BN re-est. full (paper)", C(bn_recalibration="full")),
         ("E4M3, bias selection + BN re-est. shift (default)", C()),
-        ("E4M3, default, weights per tensor", C(weight_granularity="per_tensor")),
+        ("E4M3, default, weights per channel", C(weight_granularity="per_channel")),
         ("E4M3, default + first depthwise conv float", C(exclude=SENSITIVE)),
         ("E5M2, bias selection + BN re-est. shift",
          C(weight_format=hfp8.E5M2, activation_format=hfp8.E5M2)),

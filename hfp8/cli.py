@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights and activations (default e4m3, the HFP8 forward format)")
     fmt.add_argument("--bias-method", choices=("mse", "max", "fixed"), default="mse",
                      help="exponent-bias selection for weights and inputs (default mse)")
-    fmt.add_argument("--per-tensor", action="store_true",
-                     help="one weight bias per tensor (default: one per output channel)")
+    fmt.add_argument("--per-channel", action="store_true",
+                     help="one weight bias per output channel (default: one per tensor)")
     fmt.add_argument("--weights-only", action="store_true", help="keep layer inputs in float")
     fmt.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                      help="keep layers matching this name pattern in float (repeatable)")

@@ -77,14 +77,17 @@ def _first_batch(samples: SampleFolder):
     raise SampleError(f"no readable samples in {samples.path}")
 
 
-def _dry_run(model, x: torch.Tensor, folder) -> None:
+def _dry_run(model, x: torch.Tensor, folder, config: SampleConfig | None = None) -> None:
     """One forward on the first batch, so shape mistakes become one clear line."""
     try:
         with torch.no_grad():
             model(x)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad shapes
+        hint = "" if config is None else (
+            f" (preprocessing: --channels {config.channels}, --resize {config.resize or 0}, "
+            f"--crop {config.crop or 0})")
         raise UsageError(f"the model rejects samples from {folder} of shape "
-                         f"{tuple(x.shape[1:])}: {one_line(error)}") from None
+                         f"{tuple(x.shape[1:])}{hint}: {one_line(error)}") from None
 
 
 def _metadata(path: str) -> dict:
@@ -124,11 +127,11 @@ def quantize(args) -> tuple[dict, str, int]:
     model = load_model(args.model, args.arch, args.trust_pickle)
     samples = SampleFolder(args.calib, _sample_config(args))
     first = _first_batch(samples)
-    _dry_run(model, first, args.calib)
+    _dry_run(model, first, args.calib, samples.config)
     fmt = {"e4m3": hfp8.E4M3, "e5m2": hfp8.E5M2}[args.format]
     config = hfp8.QuantConfig(
         weight_format=fmt, activation_format=None if args.weights_only else fmt,
-        weight_granularity="per_tensor" if args.per_tensor else "per_channel",
+        weight_granularity="per_channel" if args.per_channel else "per_tensor",
         weight_bias_method=args.bias_method, activation_bias_method=args.bias_method,
         keep_first_and_last=not args.quantize_first_last, exclude=tuple(args.exclude),
         include=tuple(args.include),
@@ -157,7 +160,7 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
     qmodel, arch = _load_qmodel(args.qmodel, args.arch)
     metadata = getattr(qmodel, REPORT_ATTRIBUTE).setdefault("metadata", None) or {}
     samples = SampleFolder(args.calib, _sample_config(args, metadata.get("preprocessing")))
-    _dry_run(qmodel, _first_batch(samples), args.calib)
+    _dry_run(qmodel, _first_batch(samples), args.calib, samples.config)
     reference = None
     if args.method == "shift":
         if not args.reference:
@@ -225,7 +228,7 @@ def evaluate(args) -> tuple[dict, str, int]:
     model, preprocessing = _runner(args.model, args)
     labelled = not args.reference
     samples = SampleFolder(args.data, _sample_config(args, preprocessing, labels=labelled))
-    _dry_run(model, _first_batch(samples), args.data)
+    _dry_run(model, _first_batch(samples), args.data, samples.config)
     progress = dict(quiet=args.quiet, description="Evaluating")
     if labelled:
         targets = torch.cat([t for _, t in samples])

@@ -80,9 +80,9 @@ def test_json_reports_parse(quantized):
                               cwd=folder, check_code=0).stdout)
     assert exported["verification"]["bit_exact"] is True
     quantized_json = json.loads(run("quantize", "model.pt", *ARCH, "--calib", "calibration",
-                                    *FLAGS, "-o", "q2.pt", "--per-tensor", "--bias-method", "max",
+                                    *FLAGS, "-o", "q2.pt", "--per-channel", "--bias-method", "max",
                                     "--json", "--quiet", cwd=folder, check_code=0).stdout)
-    assert quantized_json["manifest"]["config"]["weight_granularity"] == "per_tensor"
+    assert quantized_json["manifest"]["config"]["weight_granularity"] == "per_channel"
     recalibrated = json.loads(run("recalibrate-bn", "q2.pt", "--calib", "calibration", "-o",
                                   "q3.pt", "--json", "--quiet", cwd=folder, check_code=0).stdout)
     assert recalibrated["batchnorm"]["batchnorm_layers"] == 4
