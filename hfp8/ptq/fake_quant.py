@@ -116,6 +116,28 @@ def _overflow_to_specials(x, result, fmt_max, step_at_top, specials) -> torch.Te
     return torch.where(overflow, torch.copysign(special, x), result)
 
 
+def _round(source, mantissa_bits, min_normal, max_finite, rounding, generator) -> torch.Tensor:
+    """Rounds a contiguous tensor in the compute dtype. Scalar parameters: block by block;
+    per-channel (tensor) parameters broadcast over the whole tensor at once."""
+    if rounding == "stochastic":
+        return _round_stochastic(source, mantissa_bits, min_normal, max_finite, generator)
+    result = torch.empty_like(source)
+    if torch.is_tensor(max_finite):
+        _round_nearest(source, result, torch.empty_like(source), torch.empty_like(source),
+                       mantissa_bits, min_normal, max_finite)
+        return result
+    flat_in, flat_out = source.view(-1), result.view(-1)
+    block = max(1, min(_BLOCK, flat_in.numel()))
+    scratch = torch.empty(block, dtype=source.dtype, device=source.device)
+    sums = torch.empty_like(scratch)
+    for start in range(0, flat_in.numel(), block):
+        stop = min(start + block, flat_in.numel())
+        size = stop - start
+        _round_nearest(flat_in[start:stop], flat_out[start:stop], scratch[:size], sums[:size],
+                       mantissa_bits, min_normal, max_finite)
+    return result
+
+
 def _check(x, rounding) -> None:
     if not torch.is_tensor(x):
         raise TypeError(f"fake_quantize needs a torch.Tensor, got {type(x).__name__}")
@@ -164,19 +186,7 @@ def fake_quantize(
     min_normal, max_finite = fmt.smallest_normal, fmt.max_finite
     with torch.no_grad():
         source = x.detach().to(compute).contiguous()
-        if rounding == "stochastic":
-            result = _round_stochastic(source, fmt.mantissa_bits, min_normal, max_finite, generator)
-        else:
-            result = torch.empty_like(source)
-            flat_in, flat_out = source.view(-1), result.view(-1)
-            block = max(1, min(_BLOCK, flat_in.numel()))
-            scratch = torch.empty(block, dtype=compute, device=x.device)
-            sums = torch.empty_like(scratch)
-            for start in range(0, flat_in.numel(), block):
-                stop = min(start + block, flat_in.numel())
-                size = stop - start
-                _round_nearest(flat_in[start:stop], flat_out[start:stop], scratch[:size],
-                               sums[:size], fmt.mantissa_bits, min_normal, max_finite)
+        result = _round(source, fmt.mantissa_bits, min_normal, max_finite, rounding, generator)
         if not saturate:
             step_at_top = 2.0 ** (top - fmt.mantissa_bits)
             result = _overflow_to_specials(source, result, max_finite, step_at_top, fmt.specials)
@@ -223,10 +233,5 @@ def fake_quantize_per_channel(
     max_finite = max_finite.reshape(shape).to(x.device)
     with torch.no_grad():
         source = x.detach().to(compute).contiguous()
-        if rounding == "stochastic":
-            result = _round_stochastic(source, fmt.mantissa_bits, min_normal, max_finite, generator)
-        else:
-            result = torch.empty_like(source)
-            _round_nearest(source, result, torch.empty_like(source), torch.empty_like(source),
-                           fmt.mantissa_bits, min_normal, max_finite)
+        result = _round(source, fmt.mantissa_bits, min_normal, max_finite, rounding, generator)
     return _finish(x, result)
