@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import onnxruntime
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,6 +14,7 @@ from hfp8.evaluation import collect_logits, fidelity, top1_accuracy
 from hfp8.model_files import ModelFileError, build_architecture, file_kind, load_model
 from hfp8.ptq.export import MANIFEST_KEY
 from hfp8.ptq.transform import REPORT_ATTRIBUTE
+from hfp8.ptq.verify import MIN_OUTPUT_SQNR_DB, passed
 
 
 class UsageError(ValueError):
@@ -104,15 +105,16 @@ def _load_qmodel(path: str, arch: str | None):
 
 def _verify(qmodel, path, batches, quiet) -> tuple[dict, int]:
     report = hfp8.verify_onnx(qmodel, path, batches, quiet=quiet)
-    ok = report["bit_exact"] and report["top1_agreement"] == 1.0
-    return report, 0 if ok else 1
+    report["passed"] = passed(report)
+    return report, 0 if report["passed"] else 1
 
 
 def _verify_text(report: dict) -> str:
     pairs = report["pairs"]
     exact = sum(p["bit_exact"] for p in pairs.values())
-    verdict = "OK" if report["bit_exact"] and report["top1_agreement"] == 1.0 else "FAILED"
+    verdict = "OK" if report["passed"] else "FAILED"
     return (f"onnxruntime verification {verdict}: {exact}/{len(pairs)} Q/DQ pairs bit-exact, "
+            f"output SQNR {report['output_sqnr_db']:.1f} dB (needs {MIN_OUTPUT_SQNR_DB:.0f}), "
             f"top-1 agreement {report['top1_agreement']:.4f} on {report['samples']} samples, "
             f"max |diff| {report['max_abs_diff']:.3g} (relative {report['max_rel_diff']:.3g})")
 

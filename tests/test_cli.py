@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hfp8.examples import copy_example, fashion_cnn
+from hfp8.examples import fashion_cnn
 
 EXE = str(Path(sys.executable).with_name("hfp8-ptq"))
 FLAGS = ["--channels", "1", "--mean", "0", "--std", "1", "--resize", "0", "--crop", "0"]

@@ -19,7 +19,6 @@ import copy
 import json
 import os
 
-import numpy as np
 import onnx
 import torch
 import torch.fx

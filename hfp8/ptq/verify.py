@@ -8,6 +8,9 @@ Two checks:
   values that flush to zero, +-Inf, NaN), goes through that layer's own Clip/QuantizeLinear/
   DequantizeLinear nodes, taken from the file with their scale and zero point, in onnxruntime;
   the result must equal :func:`hfp8.fake_quantize` of the same values with ``rtol=0, atol=0``.
+
+The verdict (:func:`passed`) needs both: every pair bit-exact, and whole-model outputs within
+``MIN_OUTPUT_SQNR_DB`` (see the comment there for why not bit for bit).
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from onnx import helper
 from hfp8.calibration.batches import calibration_batches
 from hfp8.ptq.layers import _QuantizedLayer
 
-__all__ = ["verify_onnx", "probe_values"]
+__all__ = ["verify_onnx", "probe_values", "passed", "MIN_OUTPUT_SQNR_DB"]
+
+# Whole-model outputs cannot be compared bit for bit: the two runtimes sum convolutions in
+# different orders (~1e-7 relative), and a value that lands on the other side of a later
+# QuantizeLinear's rounding tie moves by a whole FP8 step, which then spreads. Measured on
+# ImageNet MobileNetV2 (51 Q/DQ pairs, all bit-exact on 1.7e9 values): output SQNR 26.3 dB,
+# 98.4% top-1 agreement on 256 unconfident crops. A translation error is far worse (a
+# dropped Relu gave 0.21 agreement); 20 dB separates the two.
+MIN_OUTPUT_SQNR_DB = 20.0
 
 
 def probe_values(fmt) -> torch.Tensor:
@@ -73,13 +84,20 @@ def _session(model_or_path, providers):
     return onnxruntime.InferenceSession(source, options, providers=list(providers))
 
 
+def passed(report: dict) -> bool:
+    """True when every Q/DQ pair is bit-exact and the outputs agree to ``MIN_OUTPUT_SQNR_DB``."""
+    return report["bit_exact"] and report["output_sqnr_db"] >= MIN_OUTPUT_SQNR_DB
+
+
 @torch.no_grad()
 def verify_onnx(qmodel, path, samples, providers=("CPUExecutionProvider",), quiet=True) -> dict:
     """Compare onnxruntime on ``path`` with ``qmodel`` over ``samples`` (iterable of batches).
 
-    Returns ``{"max_abs_diff", "max_rel_diff", "top1_agreement", "samples", "pairs"}`` where
-    ``max_rel_diff = max|torch - ort| / max|torch|`` and ``pairs`` maps each quantized layer to
-    ``{"values", "mismatches", "bit_exact"}``; ``bit_exact`` (top level) is True when every pair is.
+    Returns ``{"max_abs_diff", "max_rel_diff", "top1_agreement", "output_sqnr_db", "samples",
+    "pairs", "bit_exact"}``: ``max_rel_diff = max|torch - ort| / max|torch|``, ``output_sqnr_db
+    = 10 log10(sum torch^2 / sum (torch - ort)^2)``; ``pairs`` maps each quantized layer to
+    ``{"values", "mismatches", "bit_exact"}``; ``bit_exact`` (top level) is True when every pair
+    is. :func:`passed` turns a report into a verdict.
     """
     model = onnx.load(str(path))
     session = _session(model, providers)
@@ -109,7 +127,7 @@ def verify_onnx(qmodel, path, samples, providers=("CPUExecutionProvider",), quie
         check(name, probe_values(layer.input_format.with_bias(int(layer.input_exponent_bias))))
     handles = [layer.register_forward_pre_hook(
         lambda module, args, name=name: check(name, args[0])) for name, layer in layers.items()]
-    max_abs = scale = 0.0
+    max_abs = scale = signal = noise = 0.0
     agree = total = 0
     try:
         for x in calibration_batches(samples, None, torch.device("cpu"), "Verifying ONNX", quiet):
@@ -117,6 +135,8 @@ def verify_onnx(qmodel, path, samples, providers=("CPUExecutionProvider",), quie
             actual = torch.from_numpy(session.run(None, {input_name: x.float().numpy()})[0])
             max_abs = max(max_abs, (expected - actual).abs().max().item())
             scale = max(scale, expected.abs().max().item())
+            signal += expected.double().square().sum().item()
+            noise += (expected.double() - actual.double()).square().sum().item()
             if expected.dim() == 2:
                 agree += int((expected.argmax(1) == actual.argmax(1)).sum())
             total += x.shape[0]
@@ -132,6 +152,7 @@ def verify_onnx(qmodel, path, samples, providers=("CPUExecutionProvider",), quie
         "max_abs_diff": max_abs,
         "max_rel_diff": max_abs / scale if scale else 0.0,
         "top1_agreement": agree / total,
+        "output_sqnr_db": math.inf if noise == 0 else 10 * math.log10(signal / noise),
         "pairs": pairs,
         "bit_exact": all(r["bit_exact"] for r in pairs.values()),
     }

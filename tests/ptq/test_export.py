@@ -43,6 +43,7 @@ def test_onnxruntime_reproduces_the_quantized_model(tmp_path, name, granularity)
     # after averaging, not 1e-6. Without Q/DQ nodes in between it is summation noise alone.
     assert report["max_rel_diff"] < 1e-2
     assert report["samples"] == 200
+    assert hfp8.ptq.verify.passed(report) and report["output_sqnr_db"] > 40
 
 
 def test_float_model_export_matches_to_summation_noise(tmp_path):
@@ -184,3 +185,28 @@ def test_probe_values_cover_ties_subnormals_and_overflow():
     assert (finite == 464.0).any()  # the tie between 448 and the (NaN) code above
     assert (finite > 448 * 1.4).any() and torch.isnan(probes).any() and torch.isinf(probes).any()
     assert math.isclose(float(finite[finite > 0].min()), 2.0**-9 / 3, rel_tol=1e-6)
+
+
+def test_verification_fails_on_a_tampered_file(tmp_path):
+    qmodel = _quantized("cnn")
+    path = tmp_path / "q.onnx"
+    model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    samples = [digits()[2][:100]]
+    assert hfp8.ptq.verify.passed(hfp8.verify_onnx(qmodel, path, samples))
+
+    # 1. a float part of the graph goes wrong (as onnxruntime's Relu fusion once made it)
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in broken.graph.node:
+        if node.op_type == "Max":  # a Relu written as Max(x, 0): make it the identity
+            node.op_type, node.input[1:] = "Identity", []
+    onnx.save(broken, tmp_path / "relu.onnx")
+    report = hfp8.verify_onnx(qmodel, tmp_path / "relu.onnx", samples)
+    assert report["bit_exact"] and not hfp8.ptq.verify.passed(report)
+
+    # 2. a Q/DQ pair rounds differently (its scale doubled)
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    scale = next(t for t in broken.graph.initializer if t.name == "1.0.input_scale")
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
+    onnx.save(broken, tmp_path / "scale.onnx")
+    report = hfp8.verify_onnx(qmodel, tmp_path / "scale.onnx", samples)
+    assert not report["pairs"]["1.0"]["bit_exact"] and not hfp8.ptq.verify.passed(report)

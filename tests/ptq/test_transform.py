@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import hfp8
-from hfp8.ptq.layers import QuantizedConv1d, QuantizedConv2d, QuantizedConv3d, QuantizedLinear
+from hfp8.ptq.layers import QuantizedConv2d, QuantizedLinear
 from tests.small_models import accuracy, calibration_batches, digits, trained
 
 
