@@ -28,7 +28,7 @@ DEFAULT_SEARCH_RADIUS = 8
 
 def valid_bias_range(fmt: FloatFormat) -> tuple[int, int]:
     """Smallest and largest exponent bias at which ``fmt`` still fits float32 exactly."""
-    top_field = max(fmt._largest_finite_fields()[0], 1)
+    top_field = max(fmt.largest_finite_fields()[0], 1)
     return top_field - 127, 150 - fmt.mantissa_bits
 
 

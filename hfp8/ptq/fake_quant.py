@@ -108,11 +108,18 @@ def _round_stochastic(x, mantissa_bits, min_normal, max_finite, generator) -> to
     return torch.copysign(rounded, clamped)
 
 
-def _overflow_to_specials(x, result, fmt_max, step_at_top, specials) -> torch.Tensor:
-    """Non-saturating conversion: values that round beyond max become Inf ("ieee") or NaN ("fn")."""
-    threshold = fmt_max + step_at_top / 2  # the tie rounds away: max has an odd mantissa
-    overflow = x.abs() >= threshold
-    special = torch.full_like(result, math.inf if specials == "ieee" else math.nan)
+def _overflow_to_specials(x, result, fmt: FloatFormat, step_at_top) -> torch.Tensor:
+    """Non-saturating conversion: values that round beyond max become Inf ("ieee") or NaN ("fn").
+
+    The overflow tie ``max_finite + step_at_top / 2`` rounds to even like every other tie: to
+    ``max_finite`` when its code is even (E4M3FN: 448 = S.1111.110, so 464 -> 448), else to the
+    special (ieee E4M3: 240 = S.1110.111, so 248 -> Inf).
+    """
+    top_field, top_mantissa = fmt.largest_finite_fields()
+    max_code_is_odd = (top_mantissa if fmt.mantissa_bits else top_field) % 2 == 1
+    magnitude, threshold = x.abs(), fmt.max_finite + step_at_top / 2
+    overflow = magnitude >= threshold if max_code_is_odd else magnitude > threshold
+    special = torch.full_like(result, math.inf if fmt.specials == "ieee" else math.nan)
     return torch.where(overflow, torch.copysign(special, x), result)
 
 
@@ -189,7 +196,7 @@ def fake_quantize(
         result = _round(source, fmt.mantissa_bits, min_normal, max_finite, rounding, generator)
         if not saturate:
             step_at_top = 2.0 ** (top - fmt.mantissa_bits)
-            result = _overflow_to_specials(source, result, max_finite, step_at_top, fmt.specials)
+            result = _overflow_to_specials(source, result, fmt, step_at_top)
     return _finish(x, result)
 
 

@@ -72,7 +72,7 @@ class FloatFormat:
             object.__setattr__(self, "exponent_bias", as_int)
         if self.specials == "ieee" and self.exponent_bits < 2:
             raise ValueError("the 'ieee' layout needs at least 2 exponent bits (one is reserved)")
-        top_field, top_mantissa = self._largest_finite_fields()
+        top_field, top_mantissa = self.largest_finite_fields()
         if top_field == 0 and top_mantissa == 0:
             raise ValueError(f"{self} has no positive finite value")
         # Range check: every value must be an exact float32 (normal or subnormal).
@@ -123,7 +123,8 @@ class FloatFormat:
             return math.ldexp(mantissa_field, 1 - b - m)
         return math.ldexp(2**m + mantissa_field, exponent_field - b - m)
 
-    def _largest_finite_fields(self) -> tuple[int, int]:
+    def largest_finite_fields(self) -> tuple[int, int]:
+        """``(exponent field, mantissa field)`` of the code of ``max_finite``."""
         all_ones_exponent = 2**self.exponent_bits - 1
         all_ones_mantissa = 2**self.mantissa_bits - 1
         if self.specials == "none":
@@ -138,7 +139,7 @@ class FloatFormat:
     @property
     def max_finite(self) -> float:
         """Largest finite value, e.g. 448 for E4M3 "fn" at bias 7, 57344 for E5M2 "ieee"."""
-        return self.code_value(*self._largest_finite_fields())
+        return self.code_value(*self.largest_finite_fields())
 
     @property
     def smallest_normal(self) -> float:
@@ -168,7 +169,7 @@ class FloatFormat:
     @property
     def num_finite_values(self) -> int:
         """Number of distinct finite real values (+0 and -0 count once)."""
-        top_field, top_mantissa = self._largest_finite_fields()
+        top_field, top_mantissa = self.largest_finite_fields()
         positive = top_field * 2**self.mantissa_bits + top_mantissa
         return 2 * positive + 1
 
@@ -179,7 +180,7 @@ class FloatFormat:
 
 @functools.lru_cache(maxsize=64)
 def _grid(fmt: FloatFormat) -> torch.Tensor:
-    top_field, top_mantissa = fmt._largest_finite_fields()
+    top_field, top_mantissa = fmt.largest_finite_fields()
     count = top_field * 2**fmt.mantissa_bits + top_mantissa + 1
     codes = torch.arange(count, dtype=torch.int64)
     fields = codes >> fmt.mantissa_bits

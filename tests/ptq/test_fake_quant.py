@@ -23,8 +23,15 @@ def _sweep(fmt: FloatFormat, count: int = 20000) -> np.ndarray:
     rng = np.random.default_rng(1)
     normals = [rng.standard_normal(2000).astype(np.float32) * np.float32(fmt.max_finite * s)
                for s in (1e-6, 1e-3, 0.1, 1.0)]
+    # The overflow tie (halfway from max_finite to the next code, which is Inf, NaN or absent)
+    # and its float32 neighbours: the one tie the grid's own midpoints do not contain.
+    top_field = max(fmt.largest_finite_fields()[0], 1)
+    top_step = 2.0 ** (top_field - fmt.exponent_bias - fmt.mantissa_bits)
+    tie = np.float32(fmt.max_finite + top_step / 2)
+    assert float(tie) == fmt.max_finite + top_step / 2
+    overflow = np.array([tie, np.nextafter(tie, np.float32(0)), np.nextafter(tie, np.float32(np.inf))])
     return np.concatenate([dense_sweep(low, high, count), ties, grid.astype(np.float32),
-                           *normals])
+                           overflow, -overflow, *normals])
 
 
 def _assert_bitwise_equal(ours: torch.Tensor, reference: np.ndarray):
@@ -129,8 +136,10 @@ def test_non_saturating_overflow_follows_the_layout():
     ieee = FloatFormat(4, 3, 7, "ieee")  # max 240, next step 16: overflow from 248 up
     x = torch.tensor([247.9, 248.0, math.inf, -300.0])
     assert hfp8.fake_quantize(x, ieee, saturate=False).tolist() == [240.0, math.inf, math.inf, -math.inf]
-    fn = hfp8.fake_quantize(torch.tensor([463.9, 464.0, math.inf]), hfp8.E4M3, saturate=False)
-    assert fn[0].item() == 448.0 and torch.isnan(fn[1:]).all()
+    # E4M3FN: max 448 (code S.1111.110, even), next code 480 is NaN: the tie 464 rounds to even.
+    fn = hfp8.fake_quantize(torch.tensor([463.9, 464.0, -464.0, 464.1, math.inf]), hfp8.E4M3,
+                            saturate=False)
+    assert fn[:3].tolist() == [448.0, 448.0, -448.0] and torch.isnan(fn[3:]).all()
     with pytest.raises(ValueError, match="only saturating"):
         hfp8.fake_quantize(x, FloatFormat(4, 3, 7, "none"), saturate=False)
 
