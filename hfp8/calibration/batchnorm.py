@@ -12,14 +12,15 @@ Methods:
 * ``"full"`` (the HFP8 paper): running_mean, running_var := mean, unbiased variance measured on
   the calibration data.
 * ``"shift"``: measures the same statistics on a float ``reference`` model over the same batches
-  and adds only the difference that quantization makes to the model's existing statistics::
+  and adds only the difference that quantization makes to the reference's own statistics::
 
-      running_mean := running_mean + (mean_quantized - mean_reference)
-      running_var  := max(running_var + (var_quantized - var_reference), 0)
+      running_mean := reference.running_mean + (mean_quantized - mean_reference)
+      running_var  := max(reference.running_var + (var_quantized - var_reference), 0)
 
   The data-dependent part cancels, so a few hundred unrepresentative samples still give the
   right correction, while ``"full"`` would replace ImageNet-scale statistics by those of a small
-  calibration set.
+  calibration set. The base is the reference's statistics, not the model's current ones, so
+  running it again on an already corrected model does not add the shift twice.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def recalibrate_batchnorm(
               "not_reached": []}
     if not layers:
         return report
-    models = [model]
+    models, reference_layers = [model], {}
     if method == "shift":
         if reference is None:
             raise ValueError("method='shift' needs the float reference model (reference=...)")
@@ -167,8 +168,9 @@ def recalibrate_batchnorm(
                 continue
             mean, variance = measured.mean, measured.variance()
             if method == "shift":
-                mean = bn.running_mean.double() + (mean - baseline.mean)
-                variance = (bn.running_var.double() + (variance - baseline.variance())).clamp_min(0)
+                base = reference_layers[name]
+                mean = base.running_mean.double() + (mean - baseline.mean)
+                variance = (base.running_var.double() + (variance - baseline.variance())).clamp_min(0)
             bn.running_mean.copy_(mean.to(bn.running_mean))
             bn.running_var.copy_(variance.to(bn.running_var))
     return report

@@ -101,7 +101,7 @@ def test_dropout_stays_off_during_the_pass():
     torch.testing.assert_close(model[2].running_mean.double(), expected.mean(0), rtol=1e-6, atol=1e-7)
 
 
-def test_shift_method_adds_the_quantization_shift_to_existing_statistics():
+def test_shift_method_adds_the_quantization_shift_to_the_reference_statistics():
     torch.manual_seed(3)
     reference = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
     with torch.no_grad():
@@ -110,9 +110,12 @@ def test_shift_method_adds_the_quantization_shift_to_existing_statistics():
     model = copy.deepcopy(reference)
     with torch.no_grad():
         model[0].weight.add_(0.1)  # a deterministic perturbation like weight rounding
+        # stale statistics from an earlier re-estimation: they must not be the base
+        model[1].running_mean.add_(3.0)
+        model[1].running_var.mul_(5.0)
     batches = [torch.randn(8, 2, 6, 6) for _ in range(3)]
-    original_mean = model[1].running_mean.clone()
-    original_var = model[1].running_var.clone()
+    original_mean = reference[1].running_mean.clone()
+    original_var = reference[1].running_var.clone()
     hfp8.recalibrate_batchnorm(model, batches, method="shift", reference=reference, quiet=True)
     with torch.no_grad():
         x = torch.cat(batches)
@@ -124,6 +127,23 @@ def test_shift_method_adds_the_quantization_shift_to_existing_statistics():
     torch.testing.assert_close(model[1].running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
     # the reference is left exactly as it was
     assert torch.equal(reference[1].running_mean, torch.tensor([1.0, -2.0, 0.5, 0.0]))
+
+
+def test_shift_method_run_twice_does_not_add_the_shift_twice():
+    torch.manual_seed(4)
+    reference = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        reference[1].running_var.fill_(2.0)
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model[0].weight.add_(0.2)
+    batches = [torch.randn(8, 2, 6, 6) for _ in range(2)]
+    hfp8.recalibrate_batchnorm(model, batches, method="shift", reference=reference, quiet=True)
+    once = (model[1].running_mean.clone(), model[1].running_var.clone())
+    assert (once[0] - reference[1].running_mean).abs().max() > 0.05  # there is a shift to add
+    hfp8.recalibrate_batchnorm(model, batches, method="shift", reference=reference, quiet=True)
+    torch.testing.assert_close(model[1].running_mean, once[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, once[1], rtol=1e-5, atol=1e-6)
 
 
 def test_num_batches_limits_the_pass():
