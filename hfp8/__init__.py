@@ -11,7 +11,12 @@ from hfp8.ptq.export import ExportError, export_onnx
 from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
 from hfp8.ptq.formats import E4M3, E5M2, FloatFormat
 from hfp8.ptq.manifest import format_manifest, manifest
-from hfp8.ptq.saving import QuantizedFileError, load_quantized, read_manifest, save_quantized
+from hfp8.ptq.saving import (
+    QuantizedFileError,
+    load_quantized,
+    read_manifest,
+    save_quantized,
+)
 from hfp8.ptq.transform import quantize_model
 from hfp8.ptq.verify import verify_onnx
 

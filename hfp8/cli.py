@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 
@@ -143,12 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (q, r, e, v, i, x):
         p.add_argument("--json", action="store_true", help="print the report as JSON")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+        p.add_argument("--debug", action="store_true", help="show the traceback of any error")
     return parser
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"hfp8-ptq: warning: {message}", file=sys.stderr)
+
+
+def _json_safe(value):
+    """Strict JSON: a non-finite float (an infinite SQNR of identical outputs) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report, text, code = handler(args)
     except commands.INPUT_ERRORS as error:
-        print(f"hfp8-ptq {args.command}: error: {commands.one_line(error)}", file=sys.stderr)
+        if args.debug:  # an input error can also be our bug: show where it came from
+            raise
+        print(f"hfp8-ptq {args.command}: error: {commands.inputs.one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hfp8-ptq {args.command}: interrupted", file=sys.stderr)
@@ -169,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"hfp8-ptq {args.command}: internal error: {type(error).__name__}: "
-              f"{commands.one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
+              f"{commands.inputs.one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2, sort_keys=True) if args.json else text)
+    print(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False)
+          if args.json else text)
     return code
 
 

@@ -114,6 +114,15 @@ def bad_inputs(example, tmp_path_factory):
     for i, name in enumerate(sorted((example / "calibration").iterdir())[:8]):
         Image.open(name).save(mixed / f"good-{i}.jpg")
     (mixed / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (folder / "gelu_cnn.py").write_text(
+        "from torch import nn\n\n\ndef gelu_cnn():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.GELU(), nn.Flatten(),\n"
+        "                         nn.Linear(4 * 26 * 26, 10))\n")
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                                   torch.nn.GELU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 26 * 26, 10)).state_dict(),
+               folder / "gelu.pt")
+    (folder / "damaged.onnx").write_bytes(b"\x08\x07" + bytes(range(200)))
     rgb = folder / "rgb"
     rgb.mkdir()
     for i in range(4):
@@ -217,3 +226,36 @@ def test_inspect_refuses_other_files(bad_inputs):
 
 def test_example_refuses_a_non_empty_folder(example):
     _assert_input_error(run("example", example), "not an empty folder")
+
+
+def test_unexportable_model_with_onnx_fails_before_calibration_and_writes_nothing(example,
+                                                                                 bad_inputs):
+    out, onnx_out = bad_inputs / "gelu.hfp8.pt", bad_inputs / "gelu.onnx"
+    for path in (out, onnx_out):
+        path.write_text("keep me")
+    before = set(bad_inputs.iterdir())
+    result = _quantize(example, bad_inputs / "gelu.pt", "--arch",
+                       f"{bad_inputs / 'gelu_cnn.py'}:gelu_cnn", "--calib", "calibration", *FLAGS,
+                       "-o", out, "--onnx", onnx_out, "--overwrite")
+    _assert_input_error(result, "cannot be exported", "GELU", "without --onnx")
+    assert out.read_text() == "keep me" and onnx_out.read_text() == "keep me"
+    assert set(bad_inputs.iterdir()) == before  # no temporary file left either
+
+
+def test_damaged_onnx_file_is_an_input_error(example, bad_inputs):
+    damaged = bad_inputs / "damaged.onnx"
+    _assert_input_error(run("inspect", damaged), "not a readable ONNX file")
+    _assert_input_error(run("evaluate", damaged, "--data", example / "test", "--quiet"),
+                        "not a readable ONNX file")
+
+
+def test_json_is_strict_and_debug_shows_the_traceback(example, bad_inputs):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    same = run("evaluate", "model.pt", *ARCH, "--reference", "model.pt", "--data", "calibration",
+               *FLAGS, "--json", "--quiet", cwd=example, check_code=0)
+    report = json.loads(same.stdout, parse_constant=refuse)
+    assert report["top1_agreement"] == 1.0 and report["sqnr_db"] is None  # infinite: null
+    debug = run("inspect", bad_inputs / "notes.pt", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hfp8.calibration.batches import calibration_batches, model_device
+from hfp8.ptq.config import REPORT_ATTRIBUTE
 
 __all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers"]
 
@@ -140,7 +141,8 @@ def recalibrate_batchnorm(
     same BatchNorm layer names (see the module docstring). Train/eval flags and every other
     piece of state are restored, also when the pass fails; on failure no statistic changes.
     Returns a report: method, BatchNorm layers updated, batches and samples used, and the layers
-    that never ran (left unchanged).
+    that never ran (left unchanged). On a model from :func:`hfp8.quantize_model` the report also
+    replaces the one in its manifest.
     """
     if method not in BN_METHODS:
         raise ValueError(f"method must be one of {BN_METHODS}, got {method!r}")
@@ -173,4 +175,7 @@ def recalibrate_batchnorm(
                 variance = (base.running_var.double() + (variance - baseline.variance())).clamp_min(0)
             bn.running_mean.copy_(mean.to(bn.running_mean))
             bn.running_var.copy_(variance.to(bn.running_var))
+    quantization_report = getattr(model, REPORT_ATTRIBUTE, None)
+    if isinstance(quantization_report, dict):  # a quantized model: its manifest says what was done
+        quantization_report["batchnorm"] = report
     return report

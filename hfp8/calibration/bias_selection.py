@@ -105,10 +105,11 @@ def select_exponent_bias(
         _, high = valid_bias_range(fmt)
         widest = best
         fitted = torch.isfinite(amax.cpu()) & (amax.cpu() > 0)
-        best_error = squared_error(rows, fmt, best)
+        # the rounding runs on x's device; the per-row bookkeeping stays on the CPU, with biases
+        best_error = squared_error(rows, fmt, best).cpu()
         for step in range(1, search_radius + 1):
             candidate = torch.where(fitted, (widest + step).clamp(max=high), widest)
-            error = squared_error(rows, fmt, candidate)
+            error = squared_error(rows, fmt, candidate).cpu()
             better = error < best_error
             best = torch.where(better, candidate, best)
             best_error = torch.where(better, error, best_error)

@@ -23,8 +23,12 @@ import math
 
 import torch
 
-from hfp8.calibration.bias_selection import BIAS_METHODS, max_bias_for_amax, valid_bias_range
-from hfp8.calibration.bias_selection import DEFAULT_SEARCH_RADIUS
+from hfp8.calibration.bias_selection import (
+    BIAS_METHODS,
+    DEFAULT_SEARCH_RADIUS,
+    max_bias_for_amax,
+    valid_bias_range,
+)
 from hfp8.ptq.fake_quant import fake_quantize
 from hfp8.ptq.formats import FloatFormat
 

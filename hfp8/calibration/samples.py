@@ -37,7 +37,11 @@ from pathlib import Path
 
 import torch
 
-from hfp8.calibration.image_preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocess_image
+from hfp8.calibration.image_preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    preprocess_image,
+)
 from hfp8.calibration.sample_files import (
     IMAGE_EXTENSIONS,
     TENSOR_EXTENSIONS,

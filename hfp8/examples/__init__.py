@@ -1,6 +1,11 @@
 """The built-in example: a small BatchNorm CNN trained on Fashion-MNIST, shipped with its weights
 and two sample folders, so the whole pipeline runs right after install (``hfp8-ptq example``)."""
 
-from hfp8.examples.fashion_cnn import CLASS_NAMES, copy_example, example_data_dir, fashion_cnn
+from hfp8.examples.fashion_cnn import (
+    CLASS_NAMES,
+    copy_example,
+    example_data_dir,
+    fashion_cnn,
+)
 
 __all__ = ["CLASS_NAMES", "copy_example", "example_data_dir", "fashion_cnn"]

@@ -6,7 +6,11 @@ from dataclasses import asdict, dataclass, field
 
 from hfp8.ptq.formats import E4M3, FloatFormat
 
-__all__ = ["QuantConfig", "BIAS_CHOICES", "GRANULARITIES", "BN_MODES"]
+__all__ = ["QuantConfig", "BIAS_CHOICES", "GRANULARITIES", "BN_MODES", "REPORT_ATTRIBUTE"]
+
+# Name of the plain dict attribute that quantize_model puts on the returned model's root module:
+# what was done (config, kept-float layers, observer summaries, BN report); saved as the manifest.
+REPORT_ATTRIBUTE = "hfp8_report"
 
 BIAS_CHOICES = ("mse", "max", "fixed")  # "fixed": keep the format's own exponent bias
 GRANULARITIES = ("per_tensor", "per_channel")

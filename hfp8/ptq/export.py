@@ -30,8 +30,14 @@ from hfp8._files import atomic_write
 from hfp8.ptq.codes import decode, encode
 from hfp8.ptq.formats import E4M3, E5M2, FloatFormat
 from hfp8.ptq.layers import QUANTIZED_TYPES, _QuantizedLayer
-from hfp8.ptq.onnx_ops import (FUNCTION_TRANSLATORS, METHOD_TRANSLATORS, MODULE_TRANSLATORS,
-                               ExportError, GraphBuilder, conv_attributes)
+from hfp8.ptq.onnx_ops import (
+    FUNCTION_TRANSLATORS,
+    METHOD_TRANSLATORS,
+    MODULE_TRANSLATORS,
+    ExportError,
+    GraphBuilder,
+    conv_attributes,
+)
 
 __all__ = ["export_onnx", "ExportError", "onnx_type", "DEFAULT_OPSET", "MANIFEST_KEY"]
 

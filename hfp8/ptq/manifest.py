@@ -83,14 +83,13 @@ def _percent(value) -> str:
 
 def format_manifest(data: dict) -> str:
     """A human-readable table of a manifest (as returned by :func:`manifest`)."""
-    config = data["config"]
+    config, bn = data["config"], data.get("batchnorm")
     lines = [
         f"hfp8-ptq {data['hfp8_ptq_version']}  weights: {config['weight_granularity']}, "
         f"{config['weight_bias_method']} bias; inputs: {config['activation_bias_method']} bias; "
-        f"BN re-estimation: {config['bn_recalibration']}; "
+        f"BN re-estimation: {bn['method'] if bn else 'none'}; "
         f"calibration samples: {data['calibration_samples']}",
     ]
-    bn = data.get("batchnorm")
     if bn:
         lines.append(f"BatchNorm: {bn['batchnorm_layers']} layers re-estimated ({bn['method']}) "
                      f"from {bn['samples']} samples"

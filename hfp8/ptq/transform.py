@@ -35,12 +35,11 @@ from hfp8.calibration.batches import calibration_batches, model_device
 from hfp8.calibration.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from hfp8.calibration.bias_selection import select_exponent_bias
 from hfp8.calibration.observers import HistogramObserver
-from hfp8.ptq.config import QuantConfig
+from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.layers import QUANTIZED_TYPES, quantize_layer
 
 __all__ = ["quantize_model", "plan_layers", "quantized_layers", "REPORT_ATTRIBUTE"]
 
-REPORT_ATTRIBUTE = "hfp8_report"  # plain dict attribute on the returned model's root module
 
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, str | None]:

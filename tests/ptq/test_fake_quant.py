@@ -8,8 +8,14 @@ from hypothesis import strategies as st
 
 import hfp8
 from hfp8 import FloatFormat
-from tests.reference import (dense_sweep, midpoints, ml_dtypes_round, nearest_even_reference,
-                             scalar_code_value, torch_float8_round)
+from tests.reference import (
+    dense_sweep,
+    midpoints,
+    ml_dtypes_round,
+    nearest_even_reference,
+    scalar_code_value,
+    torch_float8_round,
+)
 
 NO_SATURATION = dict(saturate=False)
 

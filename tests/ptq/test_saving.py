@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -48,14 +49,35 @@ def test_manifest_contents(tmp_path):
     assert conv["status"] == "quantized"
     assert conv["weight_format"] == {"exponent_bits": 4, "mantissa_bits": 3, "exponent_bias": 7,
                                      "specials": "fn"}
-    assert conv["weight_exponent_bias"] == qmodel.get_submodule("1.0").weight_exponent_bias.tolist()
-    assert conv["input_exponent_bias"] == int(qmodel.get_submodule("1.0").input_exponent_bias)
+    # The recorded biases, checked against the float model and torch's own float8 cast: the saved
+    # weight is the float weight cast to float8_e4m3fn at scale 2^(7 - bias), and the bias is the
+    # documented mse choice.
+    weight_bias = conv["weight_exponent_bias"]
+    float_weight = model.get_submodule("1.0").weight.detach()
+    assert weight_bias == hfp8.select_exponent_bias(float_weight, hfp8.E4M3, "mse")
+    scale = 2.0 ** (7 - weight_bias)
+    expected = (float_weight / scale).to(torch.float8_e4m3fn).float() * scale
+    saved = torch.load(tmp_path / "q.pt", weights_only=True)["state_dict"]["1.0.weight"]
+    assert torch.equal(saved, expected)
+    # mse searches upward from the widest bias that does not saturate the calibration max:
+    # the largest b with 448 * 2^(7 - b) >= amax.
     observer = conv["observer"]
+    widest = 7 + math.floor(math.log2(448 / observer["amax"]))
+    assert widest <= conv["input_exponent_bias"] <= widest + 8  # DEFAULT_SEARCH_RADIUS
     assert 0 <= observer["saturated_fraction"] <= 1 and observer["sqnr_db"] > 20
     assert observer["values_seen"] == 96 * 16 * 8 * 8
     text = hfp8.format_manifest(data)
-    assert "1.0" in text and "first quantizable layer" in text
+    assert "1.0" in text and "first quantizable layer" in text and "BN re-estimation: shift" in text
     assert f"{sum(layer['status'] == 'quantized' for layer in data['layers'])} of 5 layers quantized" in text
+
+
+def test_manifest_records_a_later_batchnorm_re_estimation(tmp_path):
+    model = trained("cnn")
+    qmodel = hfp8.quantize_model(model, calibration_batches(2), quiet=True)
+    hfp8.recalibrate_batchnorm(qmodel, calibration_batches(3), method="full", quiet=True)
+    data = hfp8.save_quantized(qmodel, tmp_path / "q.pt")
+    assert (data["batchnorm"]["method"], data["batchnorm"]["samples"]) == ("full", 96)
+    assert "BN re-estimation: full" in hfp8.format_manifest(data)
 
 
 def test_loading_into_the_wrong_architecture_is_refused(tmp_path):
