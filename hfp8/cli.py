@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 
@@ -185,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hfp8-ptq {args.command}: internal error: {type(error).__name__}: "
               f"{commands.inputs.one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-    print(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False)
-          if args.json else text)
+    try:
+        print(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False)
+              if args.json else text, flush=True)
+    except BrokenPipeError:  # `hfp8-ptq inspect ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 

@@ -141,7 +141,7 @@ def export(args) -> tuple[dict, str, int]:
 
 
 def evaluate(args) -> tuple[dict, str, int]:
-    model, preprocessing = inputs.runner(args.model, args)
+    model, preprocessing, arch = inputs.runner(args.model, args.arch, args.trust_pickle)
     labelled = not args.reference
     samples = SampleFolder(args.data, inputs.sample_config(args, preprocessing, labels=labelled))
     inputs.dry_run(model, inputs.first_batch(samples), args.data, samples.config)
@@ -155,7 +155,8 @@ def evaluate(args) -> tuple[dict, str, int]:
         text = f"top-1 accuracy {report['top1']:.4f} on {report['samples']} samples " \
                f"({report['classes']} classes)"
         return report, text, 0
-    reference, _ = inputs.runner(args.reference, args)
+    # a float state dict as reference is built with the architecture the model file records
+    reference, _, _ = inputs.runner(args.reference, args.arch or arch, args.trust_pickle)
     outputs = []
     for candidate in (reference, model):
         outputs.append(collect_logits(candidate, samples, **progress)

@@ -125,14 +125,16 @@ def onnx_runner(path: str):
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
-def runner(path: str, args) -> tuple[object, dict]:
-    """A batch -> logits callable for any model file, and its recorded preprocessing."""
+def runner(path: str, arch: str | None, trust_pickle: bool) -> tuple[object, dict | None, str | None]:
+    """A batch -> logits callable for any model file, with the preprocessing and architecture
+    it records (quantized and exported files do; a float model file does not)."""
     kind = file_kind(path)
     if kind == "onnx":
         props = {p.key: p.value for p in load_onnx(path, load_external_data=False).metadata_props}
         manifest = json.loads(props[MANIFEST_KEY]) if MANIFEST_KEY in props else {}
-        return onnx_runner(path), (manifest.get("metadata") or {}).get("preprocessing")
+        recorded = manifest.get("metadata") or {}
+        return onnx_runner(path), recorded.get("preprocessing"), recorded.get("architecture")
     if kind == "hfp8":
-        qmodel, _ = load_qmodel(path, args.arch)
-        return qmodel, metadata(path).get("preprocessing")
-    return load_model(path, args.arch, args.trust_pickle), None
+        qmodel, arch = load_qmodel(path, arch)
+        return qmodel, metadata(path).get("preprocessing"), arch
+    return load_model(path, arch, trust_pickle), None, arch
