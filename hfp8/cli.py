@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from hfp8 import cli_commands as commands
+from hfp8.cli_inputs import one_line
 
 __all__ = ["main", "build_parser"]
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except commands.INPUT_ERRORS as error:
         if args.debug:  # an input error can also be our bug: show where it came from
             raise
-        print(f"hfp8-ptq {args.command}: error: {commands.inputs.one_line(error)}", file=sys.stderr)
+        print(f"hfp8-ptq {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hfp8-ptq {args.command}: interrupted", file=sys.stderr)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"hfp8-ptq {args.command}: internal error: {type(error).__name__}: "
-              f"{commands.inputs.one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
+              f"{one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     try:
         print(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False)
