@@ -9,7 +9,7 @@ import torch
 
 import hfp8
 from hfp8 import cli_inputs as inputs
-from hfp8._files import atomic_write
+from hfp8._files import atomic_write_all
 from hfp8.calibration.samples import SampleError, SampleFolder
 from hfp8.evaluation import collect_logits, fidelity, top1_accuracy
 from hfp8.model_files import ModelFileError, file_kind, load_model
@@ -80,13 +80,11 @@ def quantize(args) -> tuple[dict, str, int]:
         report["manifest"] = hfp8.save_quantized(qmodel, quantized_path)
 
     # Both files are written under temporary names and renamed only once both are complete:
-    # a failed export leaves neither (nor replaces an existing file under --overwrite).
+    # a failed export or verification leaves neither (nor replaces a file under --overwrite).
+    atomic_write_all([args.output, args.onnx] if args.onnx else [args.output],
+                     lambda temporaries: write(*temporaries))
     if args.onnx:
-        atomic_write(args.output, lambda quantized: atomic_write(
-            args.onnx, lambda onnx_file: write(quantized, onnx_file)))
         report["onnx"] = args.onnx
-    else:
-        atomic_write(args.output, write)
     lines = [hfp8.format_manifest(report["manifest"]), f"wrote {args.output}"]
     if args.onnx:
         lines.append(f"wrote {args.onnx}")

@@ -259,3 +259,41 @@ def test_json_is_strict_and_debug_shows_the_traceback(example, bad_inputs):
     assert report["top1_agreement"] == 1.0 and report["sqnr_db"] is None  # infinite: null
     debug = run("inspect", bad_inputs / "notes.pt", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_quantize_with_onnx_writes_both_files_or_neither(example, bad_inputs, monkeypatch):
+    """In process, so that verification can be made to fail after both files were written."""
+    import hfp8
+    from hfp8.cli import main
+
+    out, onnx_out = bad_inputs / "staged.hfp8.pt", bad_inputs / "staged.onnx"
+    for path in (out, onnx_out):
+        path.write_text("keep me")
+    before = set(bad_inputs.iterdir())
+
+    def failing_verification(*args, **kwargs):
+        raise RuntimeError("onnxruntime crashed")
+
+    monkeypatch.setattr(hfp8, "verify_onnx", failing_verification)
+    code = main(["quantize", str(example / "model.pt"), *ARCH, "--calib",
+                 str(example / "calibration"), *FLAGS, "-o", str(out), "--onnx", str(onnx_out),
+                 "--overwrite", "--quiet"])
+    assert code == 1  # an internal error
+    assert out.read_text() == "keep me" and onnx_out.read_text() == "keep me"
+    assert set(bad_inputs.iterdir()) == before
+
+
+def test_unexportable_model_is_refused_before_calibration(example, bad_inputs, monkeypatch):
+    import hfp8
+    from hfp8.cli import main
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the export check")
+
+    monkeypatch.setattr(hfp8, "quantize_model", no_calibration)
+    code = main(["quantize", str(bad_inputs / "gelu.pt"), "--arch",
+                 f"{bad_inputs / 'gelu_cnn.py'}:gelu_cnn", "--calib", str(example / "calibration"),
+                 *FLAGS, "-o", str(bad_inputs / "g.pt"), "--onnx", str(bad_inputs / "g.onnx"),
+                 "--quiet"])
+    assert code == 2
+    assert not (bad_inputs / "g.pt").exists() and not (bad_inputs / "g.onnx").exists()

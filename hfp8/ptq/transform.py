@@ -41,7 +41,6 @@ from hfp8.ptq.layers import QUANTIZED_TYPES, quantize_layer
 __all__ = ["quantize_model", "plan_layers", "quantized_layers", "REPORT_ATTRIBUTE"]
 
 
-
 def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, str | None]:
     """For each quantizable layer name: ``None`` (quantize) or the reason it stays float."""
     names = [name for name, module in model.named_modules() if type(module) in QUANTIZED_TYPES]

@@ -89,3 +89,20 @@ def test_narrow_format_codes_use_low_bits():
     fmt = FloatFormat(2, 1, 1, "none")  # 4 bits
     codes = hfp8.encode(torch.tensor([6.0, -6.0, 0.5, -0.0]), fmt)
     assert codes.tolist() == [0b0111, 0b1111, 0b0001, 0b1000]
+
+
+@pytest.mark.parametrize("fmt, reference", [
+    (hfp8.E4M3, "float8_e4m3fn"), (FloatFormat(4, 3, 7, "ieee"), "float8_e4m3"),
+    (hfp8.E5M2, "float8_e5m2"), (FloatFormat(3, 4, 3, "ieee"), "float8_e3m4")], ids=str)
+def test_non_saturating_codes_at_the_overflow_tie_match_ml_dtypes(fmt, reference):
+    import ml_dtypes
+    import numpy as np
+
+    top_field = fmt.largest_finite_fields()[0]
+    tie = fmt.max_finite + 2.0 ** (top_field - fmt.exponent_bias - fmt.mantissa_bits) / 2
+    values = np.array([tie, -tie, np.nextafter(np.float32(tie), np.float32(0)),
+                       np.nextafter(np.float32(tie), np.float32(np.inf)), fmt.max_finite,
+                       np.inf], dtype=np.float32)
+    expected = values.astype(getattr(ml_dtypes, reference)).view(np.uint8)
+    ours = hfp8.encode(torch.from_numpy(values), fmt, saturate=False).numpy()
+    assert ours.tolist() == expected.tolist()
