@@ -118,3 +118,10 @@ def photo_crops(split: str, count: int, seed: int) -> torch.Tensor:
                                 resize=None, crop=None)
         crops[i] = crop.flip(-1) if rng.random() < 0.5 else crop
     return crops
+
+
+def benchmark_batches(calibration: int, evaluation: int, batch_size: int):
+    """The calibration and evaluation sets every MobileNetV2 benchmark uses (disjoint photos,
+    fixed seeds, so that their tables describe the same data): two lists of batches."""
+    return (list(photo_crops("calibration", calibration, seed=0).split(batch_size)),
+            list(photo_crops("evaluation", evaluation, seed=1).split(batch_size)))

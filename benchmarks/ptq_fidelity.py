@@ -26,7 +26,7 @@ import hfp8  # noqa: E402
 from hfp8.evaluation import collect_logits, fidelity  # noqa: E402
 from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
 from int8_baseline import int8_quantize_model  # noqa: E402
-from photos import photo_crops  # noqa: E402
+from photos import benchmark_batches  # noqa: E402
 
 SENSITIVE = ("features.1.conv.0.0",)  # the first depthwise conv; see README
 
@@ -68,8 +68,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = mobilenet_v2(weights=imagenet_mobilenet_v2_weights_path()).eval()
-    calibration = list(photo_crops("calibration", args.calibration, seed=0).split(args.batch_size))
-    evaluation = list(photo_crops("evaluation", args.evaluation, seed=1).split(args.batch_size))
+    calibration, evaluation = benchmark_batches(args.calibration, args.evaluation, args.batch_size)
     reference = collect_logits(model, evaluation)
 
     def float_pass():

@@ -146,8 +146,7 @@ def evaluate(args) -> tuple[dict, str, int]:
     progress = dict(quiet=args.quiet, description="Evaluating")
     if labelled:
         targets = torch.cat([t for _, t in samples])
-        logits = collect_logits(model, samples, **progress) if isinstance(model, torch.nn.Module) \
-            else torch.cat([model(x) for x, _ in samples])
+        logits = collect_logits(model, samples, **progress)
         report = {"top1": top1_accuracy(logits, targets), "samples": len(targets),
                   "classes": len(samples.class_names)}
         text = f"top-1 accuracy {report['top1']:.4f} on {report['samples']} samples " \
@@ -155,11 +154,7 @@ def evaluate(args) -> tuple[dict, str, int]:
         return report, text, 0
     # a float state dict as reference is built with the architecture the model file records
     reference, _, _ = inputs.runner(args.reference, args.arch or arch, args.trust_pickle)
-    outputs = []
-    for candidate in (reference, model):
-        outputs.append(collect_logits(candidate, samples, **progress)
-                       if isinstance(candidate, torch.nn.Module)
-                       else torch.cat([candidate(x) for x in samples]))
+    outputs = [collect_logits(candidate, samples, **progress) for candidate in (reference, model)]
     report = {**fidelity(*outputs), "samples": len(outputs[0])}
     text = (f"top-1 agreement {report['top1_agreement']:.4f}, KL {report['kl']:.4g} nats, "
             f"logit SQNR {report['sqnr_db']:.2f} dB on {report['samples']} samples")

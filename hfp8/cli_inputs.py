@@ -13,6 +13,7 @@ import hfp8
 from hfp8.calibration.samples import SampleConfig, SampleError, SampleFolder
 from hfp8.model_files import build_architecture, file_kind, load_model
 from hfp8.ptq.export import MANIFEST_KEY
+from hfp8.ptq.transform import REPORT_ATTRIBUTE
 
 
 class UsageError(ValueError):
@@ -138,5 +139,6 @@ def runner(path: str, arch: str | None, trust_pickle: bool) -> tuple[object, dic
         return onnx_runner(path), recorded.get("preprocessing"), recorded.get("architecture")
     if kind == "hfp8":
         qmodel, arch = load_qmodel(path, arch)
-        return qmodel, metadata(path).get("preprocessing"), arch
+        recorded = getattr(qmodel, REPORT_ATTRIBUTE).get("metadata") or {}  # loaded with it
+        return qmodel, recorded.get("preprocessing"), arch
     return load_model(path, arch, trust_pickle), None, arch

@@ -39,10 +39,12 @@ def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, batches, quiet: bool = True,
+def collect_logits(model, batches, quiet: bool = True,
                    description: str = "Evaluating") -> torch.Tensor:
-    """Concatenated outputs of ``model`` (in its current mode) over the input batches."""
-    device = model_device(model)
+    """Concatenated outputs of ``model`` over the input batches (labels, if the batches carry
+    them, are dropped). ``model``: an ``nn.Module``, run in its current mode on its own device,
+    or any callable from a CPU batch to logits (an onnxruntime session wrapper, for one)."""
+    device = model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
     outputs = [model(x).float().cpu() for x in calibration_batches(batches, None, device,
                                                                    description, quiet)]
     if not outputs:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import hfp8
+from hfp8.evaluation import collect_logits
 from int8_baseline import int8_quantize_model
 
 C = hfp8.QuantConfig
@@ -73,11 +74,10 @@ def standard_rows(extra: tuple[Row, ...] = ()) -> list[Row]:
     ]
 
 
-@torch.no_grad()
 def logits_of(model, batches) -> torch.Tensor:
     if isinstance(model, nn.Module):
         model.eval()
-    return torch.cat([model(x).float() for x in batches])
+    return collect_logits(model, batches)
 
 
 def run(rows: list[Row], model: nn.Module, calibration: list[torch.Tensor],

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from harness import C, Row, logits_of, ours, run, standard_rows, write_outputs  # noqa: E402
-from photos import photo_crops  # noqa: E402
+from photos import benchmark_batches  # noqa: E402
 
 from hfp8.evaluation import fidelity  # noqa: E402
 from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
@@ -38,8 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = mobilenet_v2(weights=imagenet_mobilenet_v2_weights_path()).eval()
-    calibration = list(photo_crops("calibration", args.calibration, seed=0).split(args.batch_size))
-    evaluation = list(photo_crops("evaluation", args.evaluation, seed=1).split(args.batch_size))
+    calibration, evaluation = benchmark_batches(args.calibration, args.evaluation, args.batch_size)
     reference = logits_of(model, evaluation)
 
     def evaluate(built) -> dict:
