@@ -1,46 +1,74 @@
-"""hfp8-ptq: post-training quantization of PyTorch models to Hybrid 8-bit Floating Point."""
+"""hfp8-ptq: post-training quantization of PyTorch models to Hybrid 8-bit Floating Point.
 
-__version__ = "0.1.0"
+The public names below are imported on first use (PEP 562), so ``import hfp8`` and the command
+line start without loading torch; an interrupted start then ends cleanly instead of in a
+traceback from deep inside an import.
+"""
 
-from hfp8.calibration.batchnorm import recalibrate_batchnorm
-from hfp8.calibration.bias_selection import select_exponent_bias
-from hfp8.calibration.observers import HistogramObserver
-from hfp8.ptq.codes import decode, encode
-from hfp8.ptq.config import QuantConfig
-from hfp8.ptq.export import ExportError, export_onnx
-from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
-from hfp8.ptq.formats import E4M3, E5M2, FloatFormat
-from hfp8.ptq.manifest import format_manifest, manifest
-from hfp8.ptq.saving import (
-    QuantizedFileError,
-    load_quantized,
-    read_manifest,
-    save_quantized,
-)
-from hfp8.ptq.transform import quantize_model
-from hfp8.ptq.verify import verify_onnx
+from __future__ import annotations
 
-__all__ = [
-    "E4M3",
-    "E5M2",
-    "ExportError",
-    "FloatFormat",
-    "HistogramObserver",
-    "QuantConfig",
-    "QuantizedFileError",
-    "decode",
-    "encode",
-    "export_onnx",
-    "fake_quantize",
-    "fake_quantize_per_channel",
-    "format_manifest",
-    "load_quantized",
-    "manifest",
-    "quantize_model",
-    "read_manifest",
-    "recalibrate_batchnorm",
-    "save_quantized",
-    "select_exponent_bias",
-    "verify_onnx",
-    "__version__",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "recalibrate_batchnorm": "hfp8.calibration.batchnorm",
+    "select_exponent_bias": "hfp8.calibration.bias_selection",
+    "HistogramObserver": "hfp8.calibration.observers",
+    "decode": "hfp8.ptq.codes",
+    "encode": "hfp8.ptq.codes",
+    "QuantConfig": "hfp8.ptq.config",
+    "ExportError": "hfp8.ptq.export",
+    "export_onnx": "hfp8.ptq.export",
+    "fake_quantize": "hfp8.ptq.fake_quant",
+    "fake_quantize_per_channel": "hfp8.ptq.fake_quant",
+    "E4M3": "hfp8.ptq.formats",
+    "E5M2": "hfp8.ptq.formats",
+    "FloatFormat": "hfp8.ptq.formats",
+    "format_manifest": "hfp8.ptq.manifest",
+    "manifest": "hfp8.ptq.manifest",
+    "QuantizedFileError": "hfp8.ptq.saving",
+    "load_quantized": "hfp8.ptq.saving",
+    "read_manifest": "hfp8.ptq.saving",
+    "save_quantized": "hfp8.ptq.saving",
+    "quantize_model": "hfp8.ptq.transform",
+    "verify_onnx": "hfp8.ptq.verify",
+    "compare_outputs": "hfp8.evaluation",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'hfp8' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from hfp8.calibration.batchnorm import recalibrate_batchnorm  # noqa: F401
+    from hfp8.calibration.bias_selection import select_exponent_bias  # noqa: F401
+    from hfp8.calibration.observers import HistogramObserver  # noqa: F401
+    from hfp8.evaluation import compare_outputs  # noqa: F401
+    from hfp8.ptq.codes import decode, encode  # noqa: F401
+    from hfp8.ptq.config import QuantConfig  # noqa: F401
+    from hfp8.ptq.export import ExportError, export_onnx  # noqa: F401
+    from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel  # noqa: F401
+    from hfp8.ptq.formats import E4M3, E5M2, FloatFormat  # noqa: F401
+    from hfp8.ptq.manifest import format_manifest, manifest  # noqa: F401
+    from hfp8.ptq.saving import (  # noqa: F401
+        QuantizedFileError,
+        load_quantized,
+        read_manifest,
+        save_quantized,
+    )
+    from hfp8.ptq.transform import quantize_model  # noqa: F401
+    from hfp8.ptq.verify import verify_onnx  # noqa: F401

@@ -1,7 +1,8 @@
 """hfp8-ptq: the command line. Thin: it builds configs, calls the Python API and reports.
 
 Exit codes: 0 success, 2 usage or input error (one line on stderr, no traceback), 1 internal
-error or a failed ONNX verification.
+error or a failed ONNX verification (nothing written), 130 interrupted. Heavy imports (torch)
+happen inside :func:`main`, so that an interrupt while they load also ends in one line.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import os
 import sys
 import warnings
 
-from hfp8 import cli_commands as commands
-from hfp8.cli_inputs import one_line
-
 __all__ = ["main", "build_parser"]
+
+MAIN_EPILOG = """examples (the built-in example, then your own model):
+  hfp8-ptq example demo && cd demo
+  hfp8-ptq quantize model.pt --arch hfp8.examples:fashion_cnn --calib calibration \\
+      --channels 1 --mean 0 --std 1 --resize 0 --crop 0 -o model.hfp8.pt --onnx model.onnx
+  hfp8-ptq evaluate model.onnx --data test
+  hfp8-ptq quantize resnet.pt --arch mypkg.models:resnet18 --calib photos/ -o resnet.hfp8.pt
+  hfp8-ptq export resnet.hfp8.pt --arch mypkg.models:resnet18 -o resnet.onnx
+run 'hfp8-ptq COMMAND --help' for each command's flags and examples"""
 
 EPILOGS = {
     "quantize": """examples:
@@ -25,14 +32,15 @@ EPILOGS = {
       --channels 1 --mean 0 --std 1 --resize 0 --crop 0 -o model.hfp8.pt --onnx model.onnx
   hfp8-ptq quantize model.pt --arch m.py:build --calib photos/ --exclude 'features.1.*' -o q.pt""",
     "recalibrate-bn": """examples:
-  hfp8-ptq recalibrate-bn model.hfp8.pt --calib more_photos/ -o model.hfp8.pt.new
-  hfp8-ptq recalibrate-bn model.hfp8.pt --calib photos/ --method shift --reference model.pt -o q2.pt""",
+  hfp8-ptq recalibrate-bn model.hfp8.pt --arch recorded --calib more_photos/ -o model2.hfp8.pt
+  hfp8-ptq recalibrate-bn model.hfp8.pt --arch mypkg.models:net --calib photos/ \\
+      --method shift --reference model.pt -o q2.pt""",
     "export": """examples:
-  hfp8-ptq export model.hfp8.pt -o model.onnx
-  hfp8-ptq export model.hfp8.pt -o model.onnx --verify-data photos/ --opset 21""",
+  hfp8-ptq export model.hfp8.pt --arch recorded -o model.onnx
+  hfp8-ptq export model.hfp8.pt --arch mypkg.models:net -o model.onnx --verify-data photos/""",
     "evaluate": """examples:
   hfp8-ptq evaluate model.onnx --data test/                       (top-1: one sub-folder per class)
-  hfp8-ptq evaluate model.hfp8.pt --data photos/ --reference model.pt --arch mypkg.models:net
+  hfp8-ptq evaluate model.hfp8.pt --arch mypkg.models:net --data photos/ --reference model.pt
   hfp8-ptq evaluate model.pt --arch hfp8.examples:fashion_cnn --data test/ --channels 1 ...""",
     "inspect": """examples:
   hfp8-ptq inspect model.hfp8.pt
@@ -41,41 +49,50 @@ EPILOGS = {
   hfp8-ptq example demo && cd demo   (then follow the commands it prints)""",
 }
 
+ARCH_HELP = ("callable that builds the float model: package.module:factory or "
+             "path/to/file.py:factory (its code runs). For a quantized or ONNX file, 'recorded' "
+             "builds the architecture the file names; a file's own record is never run unasked")
 
-def _model_arguments(parser, reference: bool = False) -> None:
-    parser.add_argument("--arch", metavar="MODULE:FACTORY",
-                        help="callable that builds the float model: package.module:factory or "
-                             "path/to/file.py:factory (needed for state dicts)")
+
+def _model_arguments(parser, reference: str | None = None) -> None:
+    parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow loading a whole pickled nn.Module (runs code from the file)")
     if reference:
-        parser.add_argument("--reference", metavar="MODEL",
-                            help="float model to compare with (agreement, KL, logit SQNR)")
+        parser.add_argument("--reference", metavar="FLOAT_MODEL", help=reference)
 
 
-def _sample_arguments(parser, labels_note: str = "") -> None:
-    group = parser.add_argument_group("samples" + labels_note)
+def _sample_arguments(parser, title: str, recorded: bool = False) -> None:
+    default = ("default: what the model was quantized with" if recorded else None)
+    group = parser.add_argument_group(title)
     group.add_argument("--resize", type=int, metavar="PIXELS",
-                       help="resize the short side (default 256; 0 = keep)")
+                       help=f"resize the short side; 0 = keep ({default or 'default 256'})")
     group.add_argument("--crop", type=int, metavar="PIXELS",
-                       help="centre crop (default 224; 0 = none)")
+                       help=f"centre crop; 0 = none ({default or 'default 224'})")
     group.add_argument("--mean", type=float, nargs="+", help="per-channel mean on the [0,1] scale "
-                       "(default ImageNet's)")
-    group.add_argument("--std", type=float, nargs="+", help="per-channel std (default ImageNet's)")
-    group.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale, 3 = RGB (default)")
+                       f"({default or 'default ImageNet'})")
+    group.add_argument("--std", type=float, nargs="+",
+                       help=f"per-channel std ({default or 'default ImageNet'})")
+    group.add_argument("--channels", type=int, choices=(1, 3),
+                       help=f"1 = greyscale, 3 = RGB ({default or 'default 3'})")
     group.add_argument("--num-samples", type=int, metavar="N", help="use at most N samples")
-    group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--seed", type=int, default=0, help="seed for choosing --num-samples")
-    group.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    group.add_argument("--batch-size", type=int, default=32, metavar="N",
+                       help="samples per batch (default 32)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed for choosing --num-samples and for random verification inputs")
+    group.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
     group.add_argument("--strict", action="store_true",
-                       help="stop at the first unreadable file instead of skipping it")
+                       help="stop at the first unusable file instead of skipping it")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hfp8 import __version__
+
     parser = argparse.ArgumentParser(
         prog="hfp8-ptq", description="Post-training quantization to HFP8 (1-4-3 / 1-5-2) with "
-        "exact FP8 QDQ ONNX export.")
-    parser.add_argument("--version", action="version", version=f"hfp8-ptq {commands.version()}")
+        "exact FP8 QDQ ONNX export.", epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hfp8-ptq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help_text):
@@ -85,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = command("quantize", "quantize a float model with calibration samples")
     q.add_argument("model", help="float model: a state dict (with --arch) or a pickled module")
     q.add_argument("--calib", required=True, metavar="DIR", help="folder of calibration samples")
-    q.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file")
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file to write")
     q.add_argument("--onnx", metavar="FILE", help="also export (and verify) FP8 QDQ ONNX")
     q.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
     _model_arguments(q)
@@ -97,43 +114,48 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--per-channel", action="store_true",
                      help="one weight bias per output channel (default: one per tensor)")
     fmt.add_argument("--weights-only", action="store_true", help="keep layer inputs in float")
+    fmt.add_argument("--no-attention", action="store_true",
+                     help="keep attention products (matmul/sdpa operands) in float")
     fmt.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                     help="keep layers matching this name pattern in float (repeatable)")
+                     help="keep layers or attention sites matching this name pattern in float "
+                          "(repeatable)")
     fmt.add_argument("--include", action="append", default=[], metavar="PATTERN",
                      help="quantize matching layers even if first or last (repeatable)")
     fmt.add_argument("--quantize-first-last", action="store_true",
-                     help="also quantize the first and last layer (kept float by default)")
+                     help="also quantize the first and last layers (kept float by default)")
     fmt.add_argument("--no-bn-recalibration", action="store_true",
                      help="keep the model's BatchNorm statistics as they are")
     fmt.add_argument("--bn-method", choices=("shift", "full"), default="shift",
                      help="BN re-estimation: shift (default; robust with few samples) or full")
-    _sample_arguments(q)
+    _sample_arguments(q, "samples")
 
     r = command("recalibrate-bn", "re-estimate BatchNorm statistics of a quantized model")
     r.add_argument("qmodel", help="quantized model file (from quantize)")
-    r.add_argument("--calib", required=True, metavar="DIR")
-    r.add_argument("-o", "--output", required=True, metavar="OUT")
+    r.add_argument("--calib", required=True, metavar="DIR", help="folder of samples to measure on")
+    r.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file to write")
     r.add_argument("--method", choices=("full", "shift"), default="full",
-                   help="full (default) or shift (needs --reference, the float model)")
-    _model_arguments(r, reference=True)
-    _sample_arguments(r, " (defaults: those the model was quantized with)")
+                   help="full (default: statistics of these samples) or shift (the float model's "
+                        "statistics plus the quantization shift; needs --reference)")
+    _model_arguments(r, reference="the float model, for --method shift")
+    _sample_arguments(r, "samples", recorded=True)
 
     e = command("export", "export a quantized model as FP8 QDQ ONNX and verify it")
     e.add_argument("qmodel", help="quantized model file (from quantize)")
-    e.add_argument("-o", "--output", required=True, metavar="FILE")
+    e.add_argument("-o", "--output", required=True, metavar="FILE", help="ONNX file to write")
     e.add_argument("--opset", type=int, default=19, help="ONNX opset 19..21 (default 19)")
     e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
     e.add_argument("--verify-data", metavar="DIR", help="samples for verification (default: "
-                   "seeded random inputs of the model's input shape)")
+                   "seeded random inputs of the recorded input shape)")
     _model_arguments(e)
-    _sample_arguments(e, " (for --verify-data)")
+    _sample_arguments(e, "samples for --verify-data", recorded=True)
 
-    v = command("evaluate", "top-1 on a labelled folder, or fidelity to a reference model")
+    v = command("evaluate", "top-1 on a labelled folder, or fidelity to the float model")
     v.add_argument("model", help="float model, quantized model or ONNX file")
     v.add_argument("--data", required=True, metavar="DIR",
                    help="one sub-folder per class (top-1), or any samples with --reference")
-    _model_arguments(v, reference=True)
-    _sample_arguments(v)
+    _model_arguments(v, reference="compare with this float model (per output: SQNR, cosine; "
+                                  "classifier outputs also top-1 agreement and KL) instead of labels")
+    _sample_arguments(v, "samples", recorded=True)
 
     i = command("inspect", "show a quantized model's manifest (layers, formats, biases)")
     i.add_argument("file", help="quantized model file or exported ONNX file")
@@ -165,22 +187,27 @@ def _json_safe(value):
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning  # one line per warning, no source excerpt
+def _run(args) -> int:
+    from hfp8 import cli_commands as commands
+    from hfp8.cli_inputs import one_line
+    from hfp8.cli_outputs import VerificationFailed
+
     handler = {"quantize": commands.quantize, "recalibrate-bn": commands.recalibrate_bn,
                "export": commands.export, "evaluate": commands.evaluate,
                "inspect": commands.inspect, "example": commands.example}[args.command]
     try:
         report, text, code = handler(args)
+    except VerificationFailed as failure:
+        if args.debug:
+            raise
+        print(f"hfp8-ptq {args.command}: {failure}; nothing was written (--no-verify writes "
+              "without the check)", file=sys.stderr)
+        return 1
     except commands.INPUT_ERRORS as error:
         if args.debug:  # an input error can also be our bug: show where it came from
             raise
         print(f"hfp8-ptq {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hfp8-ptq {args.command}: interrupted", file=sys.stderr)
-        return 130
     except Exception as error:  # noqa: BLE001 - the last line of defence
         if args.debug:
             raise
@@ -193,6 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `hfp8-ptq inspect ... | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = "hfp8-ptq"
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"hfp8-ptq {args.command}"
+        warnings.showwarning = _show_warning  # one line per warning, no source excerpt
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

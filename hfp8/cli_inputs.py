@@ -1,56 +1,45 @@
-"""What the user hands the command line, read and checked: output paths, sample folders,
-model files (float, quantized, ONNX). Every problem becomes a one-line :class:`UsageError`."""
+"""What the user hands the command line, read and checked: sample folders and model files
+(float, quantized, ONNX). Every problem becomes a one-line :class:`UsageError`.
+
+A file is data, never code: the architecture a quantized or ONNX file records is shown, and is
+built (its code imported and run) only when the user names it with ``--arch`` (``--arch
+recorded`` accepts the recorded one). Recorded preprocessing goes through the same limits as
+flags (:class:`hfp8.calibration.SampleConfig`).
+"""
 
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import torch
 
 import hfp8
 from hfp8.calibration.samples import SampleConfig, SampleError, SampleFolder
 from hfp8.model_files import build_architecture, file_kind, load_model
+from hfp8.model_io import call_model, map_tensors
 from hfp8.ptq.export import MANIFEST_KEY
+from hfp8.ptq.saving import check_manifest
 from hfp8.ptq.transform import REPORT_ATTRIBUTE
+
+RECORDED = "recorded"  # --arch recorded: build the architecture the file names
 
 
 class UsageError(ValueError):
-    """A mistake in the command line itself."""
+    """A mistake in the command line itself, or an input it cannot use."""
 
 
 def one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def check_output(path: str, inputs: list[str | None], overwrite: bool) -> Path:
-    target = Path(path)
-    for given in inputs:
-        if given and Path(given).exists() and target.resolve() == Path(given).resolve():
-            raise UsageError(f"output {path} is also an input; choose another output name")
-    if target.is_dir():
-        raise UsageError(f"output {path} is a folder; give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output folder {parent} does not exist")
-    try:  # try it: os.access says yes to root even on read-only file systems
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as error:
-        raise UsageError(f"cannot write to output folder {parent} ({error.strerror or error})") from None
-    if target.exists() and not overwrite:
-        raise UsageError(f"output {path} already exists; pass --overwrite to replace it")
-    return target
+    """The whole message on one line (some runtimes put the useful part on a later line)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
 
 
 def sample_config(args, defaults: dict | None = None, labels: bool = False) -> SampleConfig:
     values = dict(defaults or {})
-    for name in ("resize", "crop"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name) or None  # 0 means "skip this step"
-    for name in ("mean", "std", "channels"):
+    unknown = set(values) - {"resize", "crop", "mean", "std", "channels"}
+    if unknown:
+        raise UsageError(f"recorded preprocessing has unknown fields: {', '.join(sorted(unknown))}")
+    for name in ("resize", "crop", "mean", "std", "channels"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     return SampleConfig(batch_size=args.batch_size, num_samples=args.num_samples, seed=args.seed,
@@ -63,82 +52,133 @@ def preprocessing(config: SampleConfig) -> dict:
 
 
 def first_batch(samples: SampleFolder):
+    """The inputs of the folder's first batch (without labels)."""
     for batch in samples:
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
+        return batch[0] if samples.config.labels else batch
     raise SampleError(f"no readable samples in {samples.path}")
 
 
-def dry_run(model, x: torch.Tensor, folder, config: SampleConfig | None = None) -> None:
+def input_spec(batch) -> dict:
+    """Shape and dtype of one sample of each input, for the manifest."""
+    def spec(tensor):
+        return {"shape": list(tensor.shape[1:]), "dtype": str(tensor.dtype).replace("torch.", "")}
+    return map_tensors(batch, spec) if isinstance(batch, dict) else spec(batch)
+
+
+def dry_run(model, batch, folder, config: SampleConfig | None = None) -> None:
     """One forward on the first batch, so shape mistakes become one clear line."""
     try:
         with torch.no_grad():
-            model(x)
+            call_model(model, batch)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad shapes
+        shape = tuple(batch.shape[1:]) if torch.is_tensor(batch) else "given"
         hint = "" if config is None else (
             f" (preprocessing: --channels {config.channels}, --resize {config.resize or 0}, "
             f"--crop {config.crop or 0})")
-        raise UsageError(f"the model rejects samples from {folder} of shape "
-                         f"{tuple(x.shape[1:])}{hint}: {one_line(error)}") from None
+        raise UsageError(f"the model rejects samples from {folder} of shape {shape}{hint}: "
+                         f"{one_line(error)}") from None
 
 
-def check_exportable(model, example: torch.Tensor) -> None:
-    """Trial ONNX export of the float model: an unsupported layer is reported in a second, not
-    after calibration (quantization swaps only Conv/Linear layers, which export supports)."""
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            hfp8.export_onnx(model, Path(folder) / "trial.onnx", example)
-        except hfp8.ExportError as error:
-            raise UsageError(f"--onnx: this model cannot be exported: {one_line(error)} "
-                             "(run without --onnx to quantize only)") from None
-        except Exception:  # noqa: BLE001 - e.g. a float graph over protobuf's 2 GiB whose FP8
-            pass  # export would fit: no verdict here; the real export reports its own errors
+def check_exportable(model, batch) -> None:
+    """Trial capture of the float model with torch.export (seconds), before calibration
+    (minutes): quantization adds only our own exportable operators."""
+    from hfp8.model_io import split_batch
+    from hfp8.ptq.export import capture
+
+    args, kwargs, _ = split_batch(model, map_tensors(batch, lambda t: t[:1]))
+    try:
+        capture(model, args, kwargs)
+    except hfp8.ExportError as error:
+        raise UsageError(f"--onnx: this model cannot be exported: {one_line(error)} "
+                         "(run without --onnx to quantize only)") from None
 
 
-def metadata(path: str) -> dict:
-    manifest = hfp8.read_manifest(path)
-    return manifest.get("metadata") or {}
+def _architecture(path: str, arch: str | None, recorded: str | None) -> str:
+    if arch == RECORDED:
+        if not recorded:
+            raise UsageError(f"--arch {RECORDED}: {path} records no architecture")
+        return recorded
+    if arch:
+        return arch
+    if recorded:
+        raise UsageError(f"{path} records architecture {recorded!r}; building it imports and "
+                         f"runs that code, so name it: --arch {recorded} (or --arch {RECORDED})")
+    raise UsageError(f"{path} does not record its architecture; pass --arch MODULE:FACTORY")
 
 
 def load_qmodel(path: str, arch: str | None):
-    arch = arch or metadata(path).get("architecture")
-    if arch is None:
-        raise UsageError(f"{path} does not record its architecture; pass --arch MODULE:FACTORY")
-    return hfp8.load_quantized(path, build_architecture(arch)), arch
+    manifest = hfp8.read_manifest(path)
+    spec = _architecture(path, arch, (manifest.get("metadata") or {}).get("architecture"))
+    return hfp8.load_quantized(path, build_architecture(spec)), spec
 
 
 def load_onnx(path: str, **options):
-    """onnx.load, with a damaged file reported as an input error."""
+    """onnx.load, with a damaged or empty file reported as an input error naming it."""
     import onnx
 
     try:
-        return onnx.load(path, **options)
+        model = onnx.load(path, **options)
     except Exception as error:  # noqa: BLE001 - protobuf raises its own DecodeError and others
         raise UsageError(f"{path} is not a readable ONNX file ({type(error).__name__}: "
                          f"{one_line(error)})") from None
+    if not model.opset_import or not model.HasField("graph") or not model.graph.node:
+        raise UsageError(f"{path} is not an ONNX model (no graph or opset inside)")
+    return model
+
+
+def onnx_manifest(path: str, model) -> dict | None:
+    props = {p.key: p.value for p in model.metadata_props}
+    if MANIFEST_KEY not in props:
+        return None
+    try:
+        return check_manifest(json.loads(props[MANIFEST_KEY]), path)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: damaged manifest in the metadata: {error}") from None
 
 
 def onnx_runner(path: str):
-    import onnxruntime
+    """A batch -> outputs callable on a default onnxruntime session."""
+    from hfp8.ptq import onnx_replay
 
     try:
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session = onnx_replay.session(path)
     except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
         raise UsageError(f"onnxruntime cannot load {path}: {one_line(error)}") from None
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    def run(batch):
+        inputs = batch if isinstance(batch, dict) else {session.get_inputs()[0].name: batch}
+        feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs() if i.name in inputs}
+        if len(feed) != len(session.get_inputs()):
+            raise UsageError(f"{path} needs inputs {[i.name for i in session.get_inputs()]}")
+        try:
+            outputs = session.run(None, feed)
+        except Exception as error:  # noqa: BLE001
+            raise UsageError(f"onnxruntime cannot run {path} on these samples: "
+                             f"{one_line(error)}") from None
+        tensors = [torch.from_numpy(o) for o in outputs]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+    return run
 
 
 def runner(path: str, arch: str | None, trust_pickle: bool) -> tuple[object, dict | None, str | None]:
-    """A batch -> logits callable for any model file, with the preprocessing and architecture
-    it records (quantized and exported files do; a float model file does not)."""
+    """A model for any model file, with the preprocessing and architecture it records (quantized
+    and exported files do; a float model file does not)."""
     kind = file_kind(path)
     if kind == "onnx":
-        props = {p.key: p.value for p in load_onnx(path, load_external_data=False).metadata_props}
-        manifest = json.loads(props[MANIFEST_KEY]) if MANIFEST_KEY in props else {}
+        manifest = onnx_manifest(path, load_onnx(path, load_external_data=False)) or {}
         recorded = manifest.get("metadata") or {}
         return onnx_runner(path), recorded.get("preprocessing"), recorded.get("architecture")
     if kind == "hfp8":
-        qmodel, arch = load_qmodel(path, arch)
-        recorded = getattr(qmodel, REPORT_ATTRIBUTE).get("metadata") or {}  # loaded with it
-        return qmodel, recorded.get("preprocessing"), arch
+        qmodel, spec = load_qmodel(path, arch)
+        recorded = getattr(qmodel, REPORT_ATTRIBUTE).get("metadata") or {}
+        return qmodel, recorded.get("preprocessing"), spec
+    if arch == RECORDED:
+        raise UsageError(f"--arch {RECORDED}: {path} is a float model file, which records no "
+                         "architecture")
     return load_model(path, arch, trust_pickle), None, arch
+
+
+def reference_architecture(arch: str | None, recorded: str | None, path: str) -> str | None:
+    """The architecture for a float ``--reference`` state dict: ``--arch``, or with ``--arch
+    recorded`` the one that ``path`` (the model under test) records."""
+    return _architecture(path, arch, recorded) if arch == RECORDED else arch

@@ -50,23 +50,37 @@ def file_kind(path: str | os.PathLike) -> str:
     if any(n.endswith("serialized_exported_program.json") or n.endswith("models/model.json")
            for n in names) or path.suffix == ".pt2":
         return "torch.export"
+    if not names and (path.suffix.lower() == ".onnx" or _parses_as_onnx(path)):
+        return "onnx"
     if not names:
         with open(path, "rb") as stream:
-            head = stream.read(2)
-        if path.suffix == ".onnx" or head[:1] == b"\x08":  # protobuf field 1 (ir_version)
-            return "onnx"
-        return "unknown"
-    try:
+            if stream.read(1) != b"\x80":  # the legacy torch.save format starts with a pickle
+                return "unknown"
+    try:  # a zip archive, or the legacy (non-zip) torch.save format
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         return "pickle"
-    except Exception:  # noqa: BLE001 - a damaged archive
+    except Exception:  # noqa: BLE001 - a damaged archive, or not a torch file at all
         return "unknown"
     if isinstance(payload, dict) and "hfp8_ptq_manifest" in payload:
         return "hfp8"
     if _state_dict(payload) is not None:
         return "state_dict"
     return "unknown"
+
+
+def _parses_as_onnx(path: Path) -> bool:
+    """True for a file that protobuf reads as an ONNX model with a graph and an opset (a random
+    file starting with byte 0x08 does not)."""
+    if path.stat().st_size > 1 << 31:
+        return False  # larger ONNX files keep their weights outside and carry the suffix
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(path.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        return False
+    return bool(model.opset_import) and model.HasField("graph") and bool(model.graph.node)
 
 
 def _is_tensor_dict(value) -> bool:
@@ -102,7 +116,9 @@ def build_architecture(spec: str) -> nn.Module:
             module = importlib.import_module(module_name)
     except ModelFileError:
         raise
-    except Exception as error:  # noqa: BLE001 - importing user code can raise anything
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - user code can raise anything, even SystemExit
         raise ModelFileError(f"--arch {spec!r}: cannot import {module_name} "
                              f"({type(error).__name__}: {error})") from None
     factory = getattr(module, attribute, None)
@@ -110,7 +126,9 @@ def build_architecture(spec: str) -> nn.Module:
         raise ModelFileError(f"--arch {spec!r}: {module_name} has no callable {attribute!r}")
     try:
         model = factory()
-    except Exception as error:  # noqa: BLE001
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - even SystemExit: it would end us silently
         raise ModelFileError(f"--arch {spec!r}: calling {attribute}() failed "
                              f"({type(error).__name__}: {error})") from None
     if not isinstance(model, nn.Module):

@@ -45,11 +45,12 @@ def quantized(example):
 
 def test_quick_start_quantize_export_evaluate(quantized):
     folder, result = quantized
-    assert "first quantizable layer" in result.stdout  # the manifest table
+    assert "first layer: reads the model input" in result.stdout  # the manifest table
     float_run = run("evaluate", "model.pt", *ARCH, "--data", "test", *FLAGS, "--quiet",
                     cwd=folder, check_code=0)
     onnx_run = run("evaluate", "model.onnx", "--data", "test", "--quiet", cwd=folder, check_code=0)
-    q_run = run("evaluate", "model.hfp8.pt", "--data", "test", "--quiet", cwd=folder, check_code=0)
+    q_run = run("evaluate", "model.hfp8.pt", "--arch", "recorded", "--data", "test", "--quiet",
+                cwd=folder, check_code=0)
     accuracy = {name: float(r.stdout.split("top-1 accuracy ")[1].split()[0])
                 for name, r in (("float", float_run), ("onnx", onnx_run), ("q", q_run))}
     assert accuracy["float"] > 0.85
@@ -64,26 +65,28 @@ def test_json_reports_parse(quantized):
     folder, _ = quantized
     inspect = json.loads(run("inspect", "model.hfp8.pt", "--json", cwd=folder, check_code=0).stdout)
     assert inspect["metadata"]["architecture"] == "hfp8.examples:fashion_cnn"
-    assert inspect["metadata"]["input_shape"] == [1, 28, 28]
+    assert inspect["metadata"]["input"] == {"shape": [1, 28, 28], "dtype": "float32"}
     assert sum(layer["status"] == "quantized" for layer in inspect["layers"]) == 3
     onnx_info = json.loads(run("inspect", "model.onnx", "--json", cwd=folder, check_code=0).stdout)
     assert onnx_info["quantize_linear"] == 3 and onnx_info["fp8_weight_tensors"] == 3
     evaluation = json.loads(run("evaluate", "model.onnx", "--data", "test", "--json", "--quiet",
                                 cwd=folder, check_code=0).stdout)
     assert evaluation["samples"] == 500 and 0.8 < evaluation["top1"] <= 1
-    # no --arch: the float reference is built with the architecture model.hfp8.pt records
-    fidelity = json.loads(run("evaluate", "model.hfp8.pt", "--data", "calibration", "--reference",
-                              "model.pt", "--json", "--quiet", cwd=folder, check_code=0).stdout)
-    assert fidelity["top1_agreement"] > 0.9 and fidelity["sqnr_db"] > 15
-    exported = json.loads(run("export", "model.hfp8.pt", "-o", "again.onnx", "--json", "--quiet",
+    # --arch recorded: the float reference is built with the architecture model.hfp8.pt records
+    fidelity = json.loads(run("evaluate", "model.hfp8.pt", "--arch", "recorded", "--data",
+                              "calibration", "--reference", "model.pt", "--json", "--quiet",
                               cwd=folder, check_code=0).stdout)
+    assert fidelity["top1_agreement"] > 0.9 and fidelity["sqnr_db"] > 15
+    exported = json.loads(run("export", "model.hfp8.pt", "--arch", "recorded", "-o", "again.onnx",
+                              "--json", "--quiet", cwd=folder, check_code=0).stdout)
     assert exported["verification"]["bit_exact"] is True
     quantized_json = json.loads(run("quantize", "model.pt", *ARCH, "--calib", "calibration",
                                     *FLAGS, "-o", "q2.pt", "--per-channel", "--bias-method", "max",
                                     "--json", "--quiet", cwd=folder, check_code=0).stdout)
     assert quantized_json["manifest"]["config"]["weight_granularity"] == "per_channel"
-    recalibrated = json.loads(run("recalibrate-bn", "q2.pt", "--calib", "calibration", "-o",
-                                  "q3.pt", "--json", "--quiet", cwd=folder, check_code=0).stdout)
+    recalibrated = json.loads(run("recalibrate-bn", "q2.pt", *ARCH, "--calib", "calibration",
+                                  "-o", "q3.pt", "--json", "--quiet", cwd=folder,
+                                  check_code=0).stdout)
     assert recalibrated["batchnorm"]["batchnorm_layers"] == 4
 
 
@@ -114,14 +117,26 @@ def bad_inputs(example, tmp_path_factory):
     for i, name in enumerate(sorted((example / "calibration").iterdir())[:8]):
         Image.open(name).save(mixed / f"good-{i}.jpg")
     (mixed / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    (folder / "gelu_cnn.py").write_text(
-        "from torch import nn\n\n\ndef gelu_cnn():\n"
-        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.GELU(), nn.Flatten(),\n"
-        "                         nn.Linear(4 * 26 * 26, 10))\n")
-    torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
-                                   torch.nn.GELU(), torch.nn.Flatten(),
-                                   torch.nn.Linear(4 * 26 * 26, 10)).state_dict(),
-               folder / "gelu.pt")
+    (folder / "branchy_cnn.py").write_text(  # Python control flow on data: not capturable
+        "from torch import nn\n\n\nclass Branchy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.GELU(),\n"
+        "                                  nn.Conv2d(4, 4, 3), nn.Flatten())\n"
+        "        self.head = nn.Linear(4 * 24 * 24, 10)\n\n"
+        "    def forward(self, x):\n"
+        "        y = self.body(x)\n"
+        "        if y.mean() > 0:\n"
+        "            y = 2 * y\n"
+        "        return self.head(y)\n\n\n"
+        "def branchy_cnn():\n"
+        "    return Branchy()\n")
+    sys.path.insert(0, str(folder))
+    try:
+        from branchy_cnn import branchy_cnn
+        torch.save(branchy_cnn().state_dict(), folder / "branchy.pt")
+    finally:
+        sys.path.remove(str(folder))
     (folder / "damaged.onnx").write_bytes(b"\x08\x07" + bytes(range(200)))
     rgb = folder / "rgb"
     rgb.mkdir()
@@ -230,14 +245,14 @@ def test_example_refuses_a_non_empty_folder(example):
 
 def test_unexportable_model_with_onnx_fails_before_calibration_and_writes_nothing(example,
                                                                                  bad_inputs):
-    out, onnx_out = bad_inputs / "gelu.hfp8.pt", bad_inputs / "gelu.onnx"
+    out, onnx_out = bad_inputs / "branchy.hfp8.pt", bad_inputs / "branchy.onnx"
     for path in (out, onnx_out):
         path.write_text("keep me")
     before = set(bad_inputs.iterdir())
-    result = _quantize(example, bad_inputs / "gelu.pt", "--arch",
-                       f"{bad_inputs / 'gelu_cnn.py'}:gelu_cnn", "--calib", "calibration", *FLAGS,
-                       "-o", out, "--onnx", onnx_out, "--overwrite")
-    _assert_input_error(result, "cannot be exported", "GELU", "without --onnx")
+    result = _quantize(example, bad_inputs / "branchy.pt", "--arch",
+                       f"{bad_inputs / 'branchy_cnn.py'}:branchy_cnn", "--calib", "calibration",
+                       *FLAGS, "-o", out, "--onnx", onnx_out, "--overwrite")
+    _assert_input_error(result, "cannot be exported", "data-dependent", "without --onnx")
     assert out.read_text() == "keep me" and onnx_out.read_text() == "keep me"
     assert set(bad_inputs.iterdir()) == before  # no temporary file left either
 
@@ -291,8 +306,8 @@ def test_unexportable_model_is_refused_before_calibration(example, bad_inputs, m
         raise AssertionError("calibration ran before the export check")
 
     monkeypatch.setattr(hfp8, "quantize_model", no_calibration)
-    code = main(["quantize", str(bad_inputs / "gelu.pt"), "--arch",
-                 f"{bad_inputs / 'gelu_cnn.py'}:gelu_cnn", "--calib", str(example / "calibration"),
+    code = main(["quantize", str(bad_inputs / "branchy.pt"), "--arch",
+                 f"{bad_inputs / 'branchy_cnn.py'}:branchy_cnn", "--calib", str(example / "calibration"),
                  *FLAGS, "-o", str(bad_inputs / "g.pt"), "--onnx", str(bad_inputs / "g.onnx"),
                  "--quiet"])
     assert code == 2

@@ -1,4 +1,5 @@
-"""Iterating over calibration data: inputs only, on the model's device, with a progress bar."""
+"""Iterating over calibration data: batches of any structure, on the model's device, with a
+progress bar. How a batch is passed to the model is :mod:`hfp8.model_io`'s business."""
 
 from __future__ import annotations
 
@@ -9,26 +10,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["model_inputs", "calibration_batches", "model_device"]
+from hfp8.model_io import map_tensors
 
-
-def model_inputs(batch) -> torch.Tensor:
-    """The model input of one calibration batch: a tensor, or the first item of a tuple/list
-    (``(inputs, targets)`` from a labelled DataLoader; targets are never used)."""
-    if torch.is_tensor(batch):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
-        return batch[0]
-    raise TypeError(
-        "each calibration batch must be a tensor or a (inputs, ...) tuple/list whose first item "
-        f"is a tensor; got {type(batch).__name__}"
-    )
+__all__ = ["calibration_batches", "model_device", "Peeked", "to_device"]
 
 
 def model_device(model: nn.Module) -> torch.device:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def to_device(batch, device: torch.device):
+    return map_tensors(batch, lambda tensor: tensor.to(device))
 
 
 def _length(calibration, num_batches: int | None) -> int | None:
@@ -39,9 +33,25 @@ def _length(calibration, num_batches: int | None) -> int | None:
     return length if num_batches is None else min(length, num_batches)
 
 
+class Peeked:
+    """An iterable read once whose first item was already taken: iterating gives it back first.
+    Keeps ``len`` when the source has one (for progress bars)."""
+
+    def __init__(self, source: Iterable) -> None:
+        self._source = source
+        self._iterator = iter(source)
+        self.first = next(self._iterator, None)
+
+    def __iter__(self):
+        return itertools.chain([] if self.first is None else [self.first], self._iterator)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+
 def calibration_batches(calibration, num_batches: int | None, device: torch.device,
-                        description: str, quiet: bool) -> Iterator[torch.Tensor]:
-    """Yields at most ``num_batches`` model inputs moved to ``device``, behind a tqdm bar."""
+                        description: str, quiet: bool) -> Iterator:
+    """Yields at most ``num_batches`` batches moved to ``device``, behind a tqdm bar."""
     if not isinstance(calibration, Iterable) or torch.is_tensor(calibration):
         raise TypeError("calibration must be an iterable of input batches (a list of tensors, a "
                         f"DataLoader, a SampleFolder), got {type(calibration).__name__}")
@@ -50,6 +60,6 @@ def calibration_batches(calibration, num_batches: int | None, device: torch.devi
                disable=quiet, leave=False, dynamic_ncols=True)
     try:
         for batch in bar:
-            yield model_inputs(batch).to(device)
+            yield to_device(batch, device)
     finally:
         bar.close()

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hfp8.calibration.batches import calibration_batches, model_device
+from hfp8.calibration.batches import calibration_batches, model_device, to_device
+from hfp8.model_io import batch_size, call_model
 from hfp8.ptq.config import REPORT_ATTRIBUTE
 
 __all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers"]
@@ -96,11 +97,11 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[
                 handles.append(bn.register_forward_hook(moments[index][name]))
         devices = [model_device(model) for model in models]
         with torch.no_grad():
-            for x in calibration_batches(calibration, num_batches, devices[0],
-                                         "BatchNorm re-estimation", quiet):
+            for batch in calibration_batches(calibration, num_batches, devices[0],
+                                             "BatchNorm re-estimation", quiet):
                 for model, device in zip(models, devices):
                     try:
-                        model(x.to(device))
+                        call_model(model, to_device(batch, device))
                     except ValueError as error:
                         if "more than 1 value per channel" in str(error):
                             raise ValueError(
@@ -108,7 +109,7 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[
                                 "each batch (use batches of 2 or more samples)") from None
                         raise
                 batches += 1
-                samples += x.shape[0] if x.dim() else 1
+                samples += batch_size(batch)
     finally:
         for handle in handles:
             handle.remove()

@@ -34,6 +34,7 @@ __all__ = [
     "convert_channels",
     "preprocess_image",
     "resize_short_side",
+    "resized_size",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,12 +56,19 @@ def convert_channels(image: Image.Image, channels: int) -> Image.Image:
     return image.convert(target)
 
 
+def resized_size(size: tuple[int, int], short_side: int | None) -> tuple[int, int]:
+    """(width, height) after :func:`resize_short_side` to ``short_side`` (None: unchanged)."""
+    width, height = size
+    if short_side is None:
+        return width, height
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(short_side * long / short)
+    return (short_side, new_long) if width <= height else (new_long, short_side)
+
+
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
     """Bilinear resize so that the short side is ``size`` and the aspect ratio is kept."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
+    new_size = resized_size(image.size, size)
     if new_size == image.size:
         return image
     return image.resize(new_size, Image.BILINEAR)

@@ -7,15 +7,17 @@ components, so the order does not depend on the file system. Supported files:
   ``preprocess_image`` (resize, centre crop, normalize; see ``image_preprocessing``), giving
   ``(channels, crop, crop)`` float32 tensors;
 * ``.npy`` (``numpy.load(allow_pickle=False)``) and ``.pt`` (``torch.load(weights_only=True)``,
-  must hold one tensor): used as they are, only converted to float32. Each file is ONE sample of
-  any shape; a leading batch dimension is not unwrapped (a ``(1, 3, 224, 224)`` file gives batches
-  of shape ``(B, 1, 3, 224, 224)``), so save one sample per file.
+  one tensor or a dict of named tensors): used as they are (see ``sample_files``). Each file is
+  ONE sample of any shape; a leading batch dimension is not unwrapped (a ``(1, 3, 224, 224)``
+  file gives batches of shape ``(B, 1, 3, 224, 224)``), so save one sample per file. Dict samples
+  give dict batches (each entry stacked), passed to the model as keyword arguments.
 
 With ``labels=True`` the samples are those inside the class sub-folders; files directly in the
 folder are ignored. Linked folders are not followed (linked class folders are).
 
 Every sample must have the shape of the first one; a different shape raises ``SampleError``.
-Files that cannot be decoded are skipped (``strict=False``) or raise ``SampleError``. Skipped
+Files that cannot be decoded, that are too large to decode safely or that hold NaN or Inf are
+skipped (``strict=False``) or raise ``SampleError``. Skipped
 files are remembered by the reader: one ``RuntimeWarning`` is issued by the pass that first meets
 them, and later passes leave them out silently. ``len()`` and ``num_samples`` assume every file
 decodes until a pass has found otherwise.
@@ -53,12 +55,16 @@ from hfp8.calibration.sample_files import (
 __all__ = [
     "IMAGE_EXTENSIONS",
     "TENSOR_EXTENSIONS",
+    "MAX_SIDE",
+    "MIN_STD",
     "SampleConfig",
     "SampleError",
     "SampleFolder",
 ]
 
 _WARN_NAMES = 3
+MAX_SIDE = 8192
+MIN_STD = 1e-6
 
 
 def _check_int(name: str, value, minimum: int | None, optional: bool = False) -> None:
@@ -76,7 +82,9 @@ class SampleConfig:
     """How a ``SampleFolder`` reads and batches its files.
 
     ``resize`` (short side, pixels) and ``crop`` (centre square, pixels) apply to images only;
-    ``mean``/``std`` hold one value per channel (or one for all). ``num_samples`` keeps at most
+    ``None`` or 0 skips the step, and at most ``MAX_SIDE`` pixels are allowed (the values may
+    come from a file). ``mean``/``std`` hold one value per channel (or one for all) on the [0, 1]
+    pixel scale; ``std`` must be at least ``MIN_STD`` so that normalized values stay finite. ``num_samples`` keeps at most
     that many files: a subset drawn with ``random.Random(seed)``, kept in path order. ``workers``
     > 0 decodes in a thread pool of that size (PIL and numpy release the GIL). With ``labels``
     the folder holds one sub-folder per class (index = position in the sorted names) and batches
@@ -97,8 +105,13 @@ class SampleConfig:
     labels: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("resize", self.resize, 1, optional=True)
-        _check_int("crop", self.crop, 1, optional=True)
+        for name in ("resize", "crop"):
+            if getattr(self, name) == 0 and not isinstance(getattr(self, name), bool):
+                object.__setattr__(self, name, None)  # 0 skips the step, as on the command line
+            _check_int(name, getattr(self, name), 1, optional=True)
+            if getattr(self, name) is not None and getattr(self, name) > MAX_SIDE:
+                raise SampleError(f"{name} must be at most {MAX_SIDE} pixels, got "
+                                  f"{getattr(self, name)}")
         if self.resize is not None and self.crop is not None and self.resize < self.crop:
             raise SampleError(f"resize ({self.resize}) must be >= crop ({self.crop})")
         if self.channels not in (1, 3) or isinstance(self.channels, bool):
@@ -115,8 +128,9 @@ class SampleConfig:
             if not all(math.isfinite(v) for v in values):
                 raise SampleError(f"{name} must be finite, got {values}")
             object.__setattr__(self, name, values)  # lists become hashable tuples
-        if any(v <= 0 for v in self.std):
-            raise SampleError(f"std must be > 0, got {self.std}")
+        if any(v < MIN_STD for v in self.std):
+            raise SampleError(f"std must be at least {MIN_STD} (normalized values would overflow "
+                              f"to Inf), got {self.std}")
         _check_int("batch_size", self.batch_size, 1)
         _check_int("num_samples", self.num_samples, 1, optional=True)
         _check_int("seed", self.seed, None)
@@ -202,8 +216,9 @@ class SampleFolder:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _check_shape(self, path: Path, tensor: torch.Tensor) -> None:
-        shape = tuple(tensor.shape)
+    def _check_shape(self, path: Path, tensor) -> None:
+        shape = {k: tuple(v.shape) for k, v in tensor.items()} if isinstance(tensor, dict) \
+            else tuple(tensor.shape)
         if self._first is None:
             self._first = (path, shape)
         elif shape != self._first[1]:
@@ -211,17 +226,21 @@ class SampleFolder:
             raise SampleError(f"{path} has shape {shape} but {first} has {expected}; "
                               f"all samples must share one shape")
 
-    def _batch(self, tensors: list[torch.Tensor], targets: list[int]):
-        inputs = torch.stack(tensors)
+    def _batch(self, tensors: list, targets: list[int]):
+        if isinstance(tensors[0], dict):
+            inputs = {key: torch.stack([t[key] for t in tensors]) for key in tensors[0]}
+        else:
+            inputs = torch.stack(tensors)
         if self.config.labels:
             return inputs, torch.tensor(targets, dtype=torch.int64)
         return inputs
 
     def _warn(self, new: list[Path]) -> None:
-        names = ", ".join(p.relative_to(self.path).as_posix() for p in new[:_WARN_NAMES])
+        names = ", ".join(f"{p.relative_to(self.path).as_posix()} ({self._skipped[p]})"
+                          for p in new[:_WARN_NAMES])
         more = ", ..." if len(new) > _WARN_NAMES else ""
         noun = "file" if len(new) == 1 else "files"
-        warnings.warn(f"skipped {len(new)} unreadable sample {noun} in {self.path}: "
+        warnings.warn(f"skipped {len(new)} unusable sample {noun} in {self.path}: "
                       f"{names}{more} (strict=True raises instead)", RuntimeWarning, stacklevel=3)
 
     def __iter__(self):
@@ -239,7 +258,7 @@ class SampleFolder:
                 path = self._files[i]
                 if tensor is None:
                     if self.config.strict:
-                        raise SampleError(f"cannot read sample {path}: {reason}")
+                        raise SampleError(f"cannot use sample {path}: {reason}")
                     self._skipped[path] = reason
                     new_skips.append(path)
                     continue
@@ -257,7 +276,7 @@ class SampleFolder:
                 new_skips = []  # the error below says it all; no warning on top
                 name = first.relative_to(self.path).as_posix()
                 raise SampleError(f"all {len(self._files)} sample files in {self.path} are "
-                                  f"unreadable (first: {name}: {reason})")
+                                  f"unusable (first: {name}: {reason})")
             if tensors:
                 yield self._batch(tensors, targets)
         finally:

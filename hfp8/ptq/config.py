@@ -30,11 +30,16 @@ class QuantConfig:
             scales: on MobileNetV2 both give the same fidelity (see README).
         weight_bias_method / activation_bias_method: ``"mse"``, ``"max"`` (see
             :func:`hfp8.select_exponent_bias`) or ``"fixed"`` (the format's own bias).
-        keep_first_and_last: keep the first and the last quantizable layer (module registration
-            order) in full precision, as the HFP8 paper does.
-        exclude: fnmatch patterns of module names kept in full precision.
-        include: fnmatch patterns of module names quantized even if they are the first or last
-            layer. A name may not match both lists; every pattern must match some layer.
+        keep_first_and_last: keep the first and last layers in full precision, as the HFP8 paper
+            does, decided by position in the data flow: every Conv/Linear whose input depends on
+            no other Conv/Linear (it reads the model inputs) and every one that writes a model
+            output (every head); see :mod:`hfp8.ptq.graph_probe`.
+        quantize_attention: also round both operands of the attention products (activation x
+            activation ``matmul``/``@``/``bmm`` and ``scaled_dot_product_attention``'s query,
+            key, softmax probabilities and value). Softmax, LayerNorm and GELU stay float.
+        exclude: fnmatch patterns of layer or attention-site names kept in full precision.
+        include: fnmatch patterns of names quantized even if they are a first or last layer. A
+            name may not match both lists; every pattern must match some layer or site.
         num_calibration_batches: use at most this many batches per calibration pass
             (``None``: all of them).
         bn_recalibration: ``"shift"`` (default: add the shift that quantization causes, measured
@@ -49,6 +54,7 @@ class QuantConfig:
     weight_bias_method: str = "mse"
     activation_bias_method: str = "mse"
     keep_first_and_last: bool = True
+    quantize_attention: bool = True
     exclude: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] = field(default_factory=tuple)
     num_calibration_batches: int | None = None
@@ -71,6 +77,9 @@ class QuantConfig:
             if not all(isinstance(p, str) and p for p in patterns):
                 raise TypeError(f"{name} must be a sequence of non-empty name patterns")
             object.__setattr__(self, name, patterns)
+        for name in ("keep_first_and_last", "quantize_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         batches = self.num_calibration_batches
         if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
                                     or batches < 1):
@@ -87,6 +96,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"a QuantConfig is read from a dict, got {type(data).__name__}")
         values = dict(data)
         for name in ("weight_format", "activation_format"):
             values[name] = format_from_dict(values.get(name))

@@ -1,219 +1,206 @@
 """export_onnx: a quantized model as a standard FP8 QuantizeLinear/DequantizeLinear ONNX graph.
 
-Format ``fmt`` at exponent bias ``b`` is exactly the ONNX FP8 type times a power of two:
-E4M3 at bias ``b`` = FLOAT8E4M3FN * 2^(7 - b), E5M2 ("ieee") at bias ``b`` = FLOAT8E5M2 *
-2^(15 - b). So each quantized layer becomes
+The graph comes from torch's own exporter (``torch.onnx.export(..., dynamo=True)``: torch.export
+plus onnxscript), so every operator torch can export is covered. The FP8 steps are the custom
+operators of :mod:`hfp8.ptq.ops`, translated to standard ONNX:
 
-    x -> [Clip +-240 s, "ieee" E4M3 only] -> QuantizeLinear(s, 0) -> DequantizeLinear(s, 0) --+
-    weight codes (FLOAT8 initializer) -> DequantizeLinear(s_w per tensor or per axis 0) ------+-> Conv/Gemm
+    x -> [Max/Min +-240 s, "ieee" E4M3 only] -> QuantizeLinear(s, FP8 0) -> DequantizeLinear --+
+    weight codes (FLOAT8 initializer) -> DequantizeLinear(s_w, per tensor or per axis 0) ------+-> the layer's own ops
 
-with ``s = 2^(7 - input bias)``: the same numbers as the PyTorch model, bit for bit (verify with
-:func:`hfp8.verify_onnx`). Float layers, BatchNorm (as BatchNormalization, never folded into
-quantized weights) and the rest of the graph stay float32. The graph comes from torch.fx
-tracing; operations outside the supported table are refused by name.
+with ``s = 2^(b_default - b)``: the same numbers as the PyTorch model, bit for bit (see
+:func:`hfp8.verify_onnx`). For export each quantized weight is stored as its FP8 codes (a
+``torch.float8_*`` buffer) read through a parametrization that calls ``hfp8::dequantize_weight``;
+the layer's own forward then reads that weight, whatever its code does with it. The graph is
+then edited for onnxruntime (:mod:`hfp8.ptq.onnx_graph`), checked with ``onnx.checker`` (full
+check) and written atomically; the same model gives the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import io
 import json
+import logging
 import os
+import warnings
 
 import onnx
 import torch
-import torch.fx
-from onnx import TensorProto, helper
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 from hfp8._files import atomic_write
-from hfp8.ptq.codes import decode, encode
-from hfp8.ptq.formats import E4M3, E5M2, FloatFormat
-from hfp8.ptq.layers import QUANTIZED_TYPES, _QuantizedLayer
-from hfp8.ptq.onnx_ops import (
-    FUNCTION_TRANSLATORS,
-    METHOD_TRANSLATORS,
-    MODULE_TRANSLATORS,
-    ExportError,
-    GraphBuilder,
-    conv_attributes,
+from hfp8.model_io import BatchError, map_tensors, split_batch
+from hfp8.ptq import onnx_graph
+from hfp8.ptq.ops import (
+    UnsupportedFormatError,
+    exportable_base,
+    onnx_translation_table,
+    scale_for_bias,
+    torch_fp8_dtype,
 )
+from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
 
-__all__ = ["export_onnx", "ExportError", "onnx_type", "DEFAULT_OPSET", "MANIFEST_KEY"]
+__all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET", "MAX_OPSET", "MANIFEST_KEY",
+           "deployment_form", "capture"]
 
 DEFAULT_OPSET = 19  # the first opset with FLOAT8 QuantizeLinear/DequantizeLinear
 MAX_OPSET = 21
 MANIFEST_KEY = "hfp8_ptq_manifest"
 
 
-def onnx_type(fmt: FloatFormat) -> tuple[int, FloatFormat]:
-    """(ONNX FLOAT8 type, the format at that type's bias) for an exportable format."""
-    layout = (fmt.exponent_bits, fmt.mantissa_bits, fmt.specials)
-    if layout in ((4, 3, "fn"), (4, 3, "ieee")):
-        return TensorProto.FLOAT8E4M3FN, E4M3
-    if layout == (5, 2, "ieee"):
-        return TensorProto.FLOAT8E5M2, E5M2
-    hint = (" Its 'none' layout reaches 480, beyond FLOAT8E4M3FN's 448: use specials='fn'."
-            if layout == (4, 3, "none") else "")
-    raise ExportError(f"{fmt} has no exact ONNX FP8 type; export supports E4M3 ('fn' or 'ieee') "
-                      f"and E5M2 ('ieee').{hint}")
+class ExportError(ValueError):
+    """The model (or format) cannot be expressed exactly as an ONNX graph; says why."""
 
 
-def _scale(fmt: FloatFormat, exponent_bias: torch.Tensor) -> torch.Tensor:
-    """``2^(base_bias - b)``: the QuantizeLinear scale of ``fmt`` at bias ``b`` (float32)."""
-    _, base = onnx_type(fmt)
-    return torch.ldexp(torch.ones(()), (base.exponent_bias - exponent_bias).double()).float()
+class DequantizedWeight(nn.Module):
+    """Parametrization: the layer's ``weight`` is its FP8 codes times the power-of-two scale."""
+
+    def __init__(self, scale: torch.Tensor, site: str) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.site = site
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.ops.hfp8.dequantize_weight(codes, self.scale, 0, self.site)
 
 
-def _zero_point(builder: GraphBuilder, name: str, data_type: int, count: int | None) -> str:
-    dims = [] if count is None else [count]
-    return builder.raw_constant(name, data_type, dims, bytes(count or 1))
-
-
-def _quantized_input(builder, layer, name, x) -> str:
-    fmt = layer.input_format.with_bias(int(layer.input_exponent_bias))
-    data_type, _ = onnx_type(fmt)
-    scale = _scale(fmt, layer.input_exponent_bias.cpu())
-    builder.rewrite_clamp_as_max_min(x)
-    if fmt.specials == "ieee" and fmt.exponent_bits == 4:
-        # FLOAT8E4M3FN saturates at 448 s, "ieee" E4M3 at 240 s: clamp first (Max/Min, not
-        # Clip, for the onnxruntime reason given in GraphBuilder.rewrite_clamp_as_max_min).
-        low = builder.node("Max", [x, builder.constant(f"{name}.input_clip.min", -fmt.max_finite)],
-                           f"{name}.input_clip_low")
-        x = builder.node("Min", [low, builder.constant(f"{name}.input_clip.max", fmt.max_finite)],
-                         f"{name}.input_clip")
-    scale_name = builder.constant(f"{name}.input_scale", scale)
-    zero = _zero_point(builder, f"{name}.input_zero_point", data_type, None)
-    q = builder.node("QuantizeLinear", [x, scale_name, zero], f"{name}.input_quantize")
-    return builder.node("DequantizeLinear", [q, scale_name, zero], f"{name}.input_dequantize")
-
-
-def _quantized_weight(builder, layer, name) -> str:
-    weight = layer.weight.detach().float().cpu()
-    fmt = layer.weight_format
-    data_type, base = onnx_type(fmt)
-    scale = _scale(fmt, layer.weight_exponent_bias.cpu())
-    per_channel = scale.dim() == 1
-    broadcast = scale.reshape(-1, *([1] * (weight.dim() - 1))) if per_channel else scale
-    codes = encode(weight / broadcast, base)  # exact: dividing by a power of two
-    if not torch.equal(decode(codes, base) * broadcast, weight):
+def _store_codes(layer: nn.Module, name: str) -> None:
+    fmt = layer_state(layer).weight_format
+    weight = layer.weight.detach().float()
+    scale = scale_for_bias(fmt, layer.weight_exponent_bias.cpu())
+    broadcast = scale.reshape(-1, *([1] * (weight.dim() - 1))) if scale.dim() else scale
+    base = exportable_base(fmt)
+    scaled = weight / broadcast  # exact: a power of two
+    codes = scaled.clamp(-base.max_finite, base.max_finite).to(torch_fp8_dtype(fmt))
+    if not torch.equal(codes.float() * broadcast, weight):
         raise ExportError(f"weights of {name!r} are not on the {fmt.name} grid; was the model "
                           "modified after quantize_model?")
-    stored = builder.raw_constant(f"{name}.weight_fp8", data_type, weight.shape,
-                                  codes.numpy().tobytes())
-    scale_name = builder.constant(f"{name}.weight_scale", scale)
-    zero = _zero_point(builder, f"{name}.weight_zero_point", data_type,
-                       scale.numel() if per_channel else None)
-    attributes = {"axis": 0} if per_channel else {}
-    return builder.node("DequantizeLinear", [stored, scale_name, zero],
-                        f"{name}.weight_dequantize", **attributes)
+    del layer._parameters["weight"]
+    layer.register_buffer("weight", codes)
+    parametrize.register_parametrization(layer, "weight", DequantizedWeight(scale, name),
+                                         unsafe=True)
 
 
-def _weighted_layer(builder, layer, name, x, rank) -> str:
-    """Conv or Linear, float or quantized."""
-    quantized = isinstance(layer, _QuantizedLayer)
-    if quantized and layer.input_format is not None:
-        x = _quantized_input(builder, layer, name, x)
-    if quantized and layer.weight_format is not None:
-        weight = _quantized_weight(builder, layer, name)
-    else:
-        weight = builder.constant(f"{name}.weight", layer.weight.float())
-    inputs = [x, weight]
-    if layer.bias is not None:
-        inputs.append(builder.constant(f"{name}.bias", layer.bias.float()))
-    if isinstance(layer, nn.Linear):
-        if rank == 2:
-            return builder.node("Gemm", inputs, name, transB=1)
-        transposed = builder.node("Transpose", [weight], f"{name}.weight_t", perm=[1, 0])
-        product = builder.node("MatMul", [x, transposed], f"{name}.matmul")
-        return builder.node("Add", [product, inputs[2]], name) if len(inputs) == 3 else product
-    return builder.node("Conv", inputs, name, **conv_attributes(layer, rank - 2))
+def deployment_form(qmodel: nn.Module) -> nn.Module:
+    """A copy of ``qmodel`` (CPU, eval) whose quantized weights are FP8 codes read through
+    ``hfp8::dequantize_weight``: what the ONNX file stores. It computes the same numbers."""
+    model = copy.deepcopy(qmodel).eval().cpu()
+    for name, layer in quantized_layers(model).items():
+        state = layer_state(layer)
+        for fmt in (state.weight_format, state.input_format):
+            if fmt is not None:
+                try:
+                    exportable_base(fmt)
+                except UnsupportedFormatError as error:
+                    raise ExportError(str(error)) from None
+        if state.weight_format is not None:
+            _store_codes(layer, name)
+    for _, site in operand_sites(model).values():
+        try:
+            exportable_base(site.fmt)
+        except UnsupportedFormatError as error:
+            raise ExportError(str(error)) from None
+    return model
 
 
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, tuple(QUANTIZED_TYPES.values())) or \
-            super().is_leaf_module(module, qualified_name)
+def _dynamic_shapes(args, kwargs, dynamic_batch: bool):
+    """Batch (dim 0) dynamic for every input; integer inputs (token ids, masks) dynamic in
+    every dim. ``Dim.AUTO``: a dim the model fixes stays static instead of failing."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(tensor):
+        if not dynamic_batch or tensor.dim() == 0:
+            return None
+        if tensor.is_floating_point():
+            return {0: auto}
+        return {dim: auto for dim in range(tensor.dim())}
+
+    return map_tensors(args, spec), map_tensors(kwargs, spec)
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+def _first_line(error: BaseException) -> str:
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's exporter prints progress and, on failure, whole graphs; our errors say it in a
+    line (the cause is kept in the exception chain for --debug)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export",
+                                               "torch._dynamo", "torch.fx.experimental")]
+    levels = [logger.level for logger in loggers]
     try:
-        graph = _Tracer().trace(model)
-    except Exception as error:  # torch.fx raises many types for untraceable code
-        raise ExportError(f"torch.fx cannot trace this model ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); export needs a "
-                          "forward without data-dependent control flow") from None
-    module = torch.fx.GraphModule(model, graph)
-    with torch.no_grad():
-        ShapeProp(module).propagate(example)
-    return module
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
-def _rank(node) -> int:
-    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    if meta is None or not hasattr(meta, "shape"):
-        raise ExportError(f"operation {node} does not produce a single tensor; not exported")
-    return len(meta.shape)
+def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool = True):
+    """``torch.export.export`` (non-strict) of ``model`` on one call, with the batch dynamic;
+    a model it cannot capture is an :class:`ExportError` naming torch's reason."""
+    dynamic_args, dynamic_kwargs = _dynamic_shapes(args, kwargs, dynamic_batch)
+    dynamic = dynamic_args
+    if kwargs:  # then dynamic_shapes is keyed by the forward's argument names
+        names = list(inspect.signature(model.forward).parameters)
+        dynamic = {**{names[i]: spec for i, spec in enumerate(dynamic_args)}, **dynamic_kwargs}
+    try:
+        with _quiet_exporter():
+            return torch.export.export(model, tuple(args), kwargs or None, dynamic_shapes=dynamic,
+                                       strict=False)
+    except Exception as error:  # noqa: BLE001 - torch.export raises many types
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ExportError(f"torch.export cannot capture this model: {type(cause).__name__}: "
+                          f"{_first_line(cause)}") from error
 
 
-def _convert(graph_module: torch.fx.GraphModule, builder: GraphBuilder) -> tuple[list, list]:
-    values, outputs, inputs = {}, [], []
-
-    def arg(a):
-        if isinstance(a, torch.fx.Node):
-            return values[a]
-        if isinstance(a, (list, tuple)):
-            return type(a)(arg(x) for x in a)
-        return a
-
-    for node in graph_module.graph.nodes:
-        if node.op == "placeholder":
-            if inputs:
-                raise ExportError("export supports models with one input tensor")
-            values[node] = "input"
-            inputs.append(node)
-        elif node.op == "get_attr":
-            values[node] = builder.constant(node.target, getattr(graph_module, node.target))
-        elif node.op == "call_module":
-            module = graph_module.get_submodule(node.target)
-            x, rank = values[node.args[0]], _rank(node.args[0])
-            if type(module) in QUANTIZED_TYPES or isinstance(module, _QuantizedLayer):
-                values[node] = _weighted_layer(builder, module, node.target, x, rank)
-            elif type(module) in MODULE_TRANSLATORS:
-                values[node] = MODULE_TRANSLATORS[type(module)](
-                    builder, module, node.target, [x], [rank])
-            else:
-                raise ExportError(f"module {node.target!r} of type {type(module).__name__} is "
-                                  "not supported by the ONNX export")
-        elif node.op in ("call_function", "call_method"):
-            table = FUNCTION_TRANSLATORS if node.op == "call_function" else METHOD_TRANSLATORS
-            if node.target not in table:
-                label = getattr(node.target, "__name__", node.target)
-                raise ExportError(f"operation {label!r} (at {node.name}) is not supported by the "
-                                  "ONNX export")
-            ranks = [_rank(a) if isinstance(a, torch.fx.Node) else 0 for a in node.args]
-            values[node] = table[node.target](builder, node.name, arg(node.args),
-                                              arg(dict(node.kwargs)), ranks)
-        elif node.op == "output":
-            result = node.args[0]
-            for item in result if isinstance(result, (tuple, list)) else [result]:
-                outputs.append((values[item], item))
-    return inputs, outputs
+def _to_onnx(program, opset: int) -> onnx.ModelProto:
+    try:
+        with _quiet_exporter():
+            onnx_program = torch.onnx.export(
+                program, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                custom_translation_table=onnx_translation_table(), report=False)
+    except Exception as error:  # noqa: BLE001 - the translation raises many types
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ExportError(f"torch's ONNX exporter cannot translate this model: "
+                          f"{type(cause).__name__}: {_first_line(cause)}") from error
+    return onnx_program.model_proto
 
 
-def _value_info(name: str, node, dynamic_batch: bool):
-    shape = list(node.meta["tensor_meta"].shape)
-    if dynamic_batch and shape:
-        shape[0] = "batch"
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+def _check_scales(model: onnx.ModelProto) -> None:
+    """Every scale of our Q/DQ nodes must be a constant in the file (verification and FP8
+    back-ends read it); torch's exporter folds the ``2^(b0 - b)`` computation into one."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    for site, roles in onnx_graph.site_nodes(model).items():
+        for role, node in roles.items():
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] not in constants:
+                raise ExportError(f"internal: the scale of {site} ({role}) is not a constant")
 
 
-def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
+def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
                 opset: int | None = None, dynamic_batch: bool = True) -> onnx.ModelProto:
     """Write ``qmodel`` (from :func:`hfp8.quantize_model`, or any float model) as ONNX to ``path``.
 
-    ``example_input``: one float32 input batch (traced for shapes). ``opset``: 19 (default) to
-    21. ``dynamic_batch``: the first dimension of input and outputs is named "batch". The file is
+    ``example_input``: one batch as the model takes it (a tensor, a tuple of inputs, a mapping
+    of keyword inputs; see :mod:`hfp8.model_io`), used to capture the graph. ``opset``: 19
+    (default) to 21. ``dynamic_batch``: the first dimension of every input (and every dimension
+    of integer inputs such as token ids) stays free where the model allows it. The file is
     checked with ``onnx.checker.check_model(full_check=True)`` and written atomically; the same
     model always gives the same bytes. Returns the ONNX model.
     """
@@ -221,38 +208,45 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input: torch
     from hfp8.ptq.manifest import manifest
 
     opset = DEFAULT_OPSET if opset is None else opset
-    if not DEFAULT_OPSET <= opset <= MAX_OPSET:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not DEFAULT_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be in {DEFAULT_OPSET}..{MAX_OPSET} (FP8 Q/DQ needs 19+), got {opset}")
-    if not torch.is_tensor(example_input) or example_input.dtype != torch.float32:
-        raise ExportError("example_input must be one float32 tensor (a batch of model inputs)")
-    model = copy.deepcopy(qmodel).eval()
-    for layer in model.modules():
-        if isinstance(layer, _QuantizedLayer):
-            for fmt in (layer.weight_format, layer.input_format):
-                if fmt is not None:
-                    onnx_type(fmt)  # refuses formats ONNX cannot hold, before any work
-    example = example_input.detach().cpu()
-    graph_module = _trace(model.cpu(), example)
-    builder = GraphBuilder()
-    inputs, outputs = _convert(graph_module, builder)
-    graph = helper.make_graph(
-        builder.nodes, "hfp8_ptq",
-        [_value_info("input", inputs[0], dynamic_batch)],
-        [_value_info(name, node, dynamic_batch) for name, node in outputs],
-        initializer=builder.initializers)
-    onnx_model = helper.make_model(graph, producer_name="hfp8-ptq", producer_version=__version__,
-                                   opset_imports=[helper.make_opsetid("", opset)])
-    onnx_model.ir_version = 9  # opset 19's IR; readable by older runtimes than onnx's default
+    model = deployment_form(qmodel)
+    example = map_tensors(example_input, lambda t: t.detach().cpu())
+    leaves = []
+    map_tensors(example, leaves.append)
+    if dynamic_batch and leaves and all(t.dim() and t.shape[0] == 1 for t in leaves):
+        # torch.export fixes every dimension of size 1: capture with a batch of two copies
+        example = map_tensors(example, lambda t: torch.cat([t, t]))
+    try:
+        args, kwargs, left = split_batch(model, example)
+    except BatchError as error:
+        raise ExportError(f"example input: {error}") from None
+    if left:
+        raise ExportError("the example input carries items the model's forward does not take "
+                          "(targets?); give the inputs only")
+    onnx_model = _to_onnx(capture(model, args, kwargs, dynamic_batch), opset)
+    _check_scales(onnx_model)
+    inputs = [name for name, layer in quantized_layers(model).items()
+              if layer_state(layer).input_format is not None]
+    missing = onnx_graph.tag_merged_pairs(onnx_model, inputs)
+    if missing:
+        raise ExportError(f"internal: no QuantizeLinear/DequantizeLinear found for the input of "
+                          f"{missing[0]!r} in the exported graph")
+    onnx_graph.name_quantization_nodes(onnx_model)
+    onnx_graph.move_relu_past_qdq(onnx_model)
+    onnx_graph.clip_as_max_min(onnx_model)
+    onnx_graph.strip_metadata(onnx_model)
+    onnx_model.producer_name, onnx_model.producer_version = "hfp8-ptq", __version__
     try:
         data = manifest(qmodel)
     except ValueError:
         data = None  # a plain float model
     if data is not None:
-        helper.set_model_props(onnx_model, {MANIFEST_KEY: json.dumps(data, sort_keys=True)})
+        onnx.helper.set_model_props(onnx_model, {MANIFEST_KEY: json.dumps(data, sort_keys=True)})
     try:
         onnx.checker.check_model(onnx_model, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise ExportError(f"the exported graph fails onnx.checker: {str(error).splitlines()[0]}") from None
+        raise ExportError(f"the exported graph fails onnx.checker: {_first_line(error)}") from None
     serialized = onnx_model.SerializeToString(deterministic=True)
 
     def write(temporary: str) -> None:

@@ -6,64 +6,88 @@ import torch
 from torch import nn
 
 from hfp8.ptq.config import format_to_dict
-from hfp8.ptq.layers import QUANTIZED_TYPES
-from hfp8.ptq.transform import REPORT_ATTRIBUTE, quantized_layers
+from hfp8.ptq.quantizers import is_quantizable, layer_state, operand_sites, quantized_layers
+from hfp8.ptq.transform import REPORT_ATTRIBUTE
 
 __all__ = ["manifest", "format_manifest", "MANIFEST_VERSION"]
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def _bias_value(buffer: torch.Tensor):
     return buffer.tolist() if buffer.dim() else int(buffer)
 
 
+def _layer_entries(qmodel: nn.Module, report: dict) -> list[dict]:
+    quantized = quantized_layers(qmodel)
+    entries = []
+    for name, module in qmodel.named_modules():
+        if name in quantized:
+            state = layer_state(module)
+            wf, inf = state.weight_format, state.input_format
+            entries.append({
+                "name": name, "type": type(module).__name__, "status": "quantized", "reason": None,
+                "weight_format": None if wf is None else format_to_dict(wf),
+                "weight_exponent_bias": None if wf is None else _bias_value(module.weight_exponent_bias),
+                "weight": (report.get("weights") or {}).get(name),
+                "input_format": None if inf is None else format_to_dict(inf),
+                "input_exponent_bias": None if inf is None else int(module.input_exponent_bias),
+                "observer": report["observers"].get(name),
+            })
+        elif is_quantizable(module) and name in report["kept_float"]:
+            entries.append({"name": name, "type": type(module).__name__, "status": "float",
+                            "reason": report["kept_float"][name]})
+    return entries
+
+
+def _site_entries(qmodel: nn.Module, report: dict) -> list[dict]:
+    entries = []
+    for name, (owner, site) in operand_sites(qmodel).items():
+        entries.append({
+            "name": name, "kind": site.kind, "status": "quantized", "reason": None,
+            "format": format_to_dict(site.fmt),
+            "operands": {operand: {
+                "exponent_bias": int(getattr(owner, site.bias_buffer(operand))),
+                "observer": report["observers"].get(f"{name}.{operand}")}
+                for operand in site.operands},
+        })
+    for name, reason in (report.get("sites_kept_float") or {}).items():
+        entries.append({"name": name, "kind": "sdpa" if ".sdpa" in name or name.startswith("sdpa")
+                        else "matmul", "status": "float", "reason": reason})
+    return entries
+
+
 def manifest(qmodel: nn.Module) -> dict:
     """JSON-ready description of a model returned by :func:`hfp8.quantize_model`.
 
     Keys: ``hfp8_ptq_version``, ``manifest_version``, ``config``, ``calibration_samples``,
-    ``batchnorm`` (re-estimation report or None), ``metadata`` (free-form JSON the caller put in
-    ``qmodel.hfp8_report["metadata"]``; the CLI records architecture, preprocessing and input
-    shape there) and ``layers``: one entry per Conv/Linear layer
-    in registration order with ``name``, ``type``, ``status`` ("quantized" or "float"),
-    ``reason`` (why float), ``weight_format``/``weight_exponent_bias`` (an int, or a list per
-    output channel), ``input_format``/``input_exponent_bias`` and ``observer`` (saturated and
-    flushed fractions, SQNR, max |x| of the calibration inputs).
+    ``batchnorm`` (re-estimation report or None), ``graph`` (first and last layers found by
+    position in the data flow, layers the probe batch did not run), ``metadata`` (free-form JSON
+    the caller put in ``qmodel.hfp8_report["metadata"]``; the CLI records architecture,
+    preprocessing and input shape there), ``layers``: one entry per Conv/Linear layer in
+    registration order with ``name``, ``type`` (the model's own class), ``status``
+    ("quantized" or "float"), ``reason`` (why float), ``weight_format``/
+    ``weight_exponent_bias`` (an int, or a list per output channel), ``weight`` (flushed
+    fraction and SQNR of the rounding), ``input_format``/``input_exponent_bias`` and
+    ``observer`` (saturated and flushed fractions, SQNR, max |x| of the calibration inputs); and
+    ``attention``: one entry per attention site (``kind`` matmul or sdpa, ``format``, and per
+    operand its ``exponent_bias`` and ``observer``).
     """
     from hfp8 import __version__
 
     report = getattr(qmodel, REPORT_ATTRIBUTE, None)
     if report is None:
         raise ValueError("this model was not produced by hfp8.quantize_model (no hfp8 report)")
-    quantized = quantized_layers(qmodel)
-    float_types = tuple(QUANTIZED_TYPES)
-    layers = []
-    for name, module in qmodel.named_modules():
-        if name in quantized:
-            layer = quantized[name]
-            wf, inf = layer.weight_format, layer.input_format
-            layers.append({
-                "name": name,
-                "type": type(layer).__name__,
-                "status": "quantized",
-                "reason": None,
-                "weight_format": None if wf is None else format_to_dict(wf),
-                "weight_exponent_bias": None if wf is None else _bias_value(layer.weight_exponent_bias),
-                "input_format": None if inf is None else format_to_dict(inf),
-                "input_exponent_bias": None if inf is None else int(layer.input_exponent_bias),
-                "observer": report["observers"].get(name),
-            })
-        elif type(module) in float_types and name in report["kept_float"]:
-            layers.append({"name": name, "type": type(module).__name__, "status": "float",
-                           "reason": report["kept_float"][name]})
     return {
         "hfp8_ptq_version": __version__,
         "manifest_version": MANIFEST_VERSION,
         "config": report["config"],
         "calibration_samples": report["calibration_samples"],
         "batchnorm": report["batchnorm"],
+        "graph": report.get("graph"),
         "metadata": report.get("metadata"),
-        "layers": layers,
+        "layers": _layer_entries(qmodel, report),
+        "attention": _site_entries(qmodel, report),
     }
 
 
@@ -81,6 +105,38 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.3g}%"
 
 
+def _rows(data: dict) -> list[tuple]:
+    rows = []
+    for layer in data["layers"]:
+        if layer["status"] == "float":
+            rows.append((layer["name"], layer["type"], "float", "float", "-", "-", "-", "-",
+                         layer["reason"]))
+            continue
+        observer = layer.get("observer") or {}
+        sqnr = observer.get("sqnr_db")
+        rows.append((
+            layer["name"], layer["type"],
+            _format_name(layer["weight_format"], layer["weight_exponent_bias"]),
+            _format_name(layer["input_format"], layer["input_exponent_bias"]),
+            _percent((layer.get("weight") or {}).get("flushed_fraction")),
+            _percent(observer.get("saturated_fraction")), _percent(observer.get("flushed_fraction")),
+            "-" if sqnr is None else f"{sqnr:.1f}", observer.get("warning", ""),
+        ))
+    for site in data.get("attention") or []:
+        if site["status"] == "float":
+            rows.append((site["name"], site["kind"], "-", "float", "-", "-", "-", "-", site["reason"]))
+            continue
+        for operand, entry in site["operands"].items():
+            observer = entry.get("observer") or {}
+            sqnr = observer.get("sqnr_db")
+            rows.append((f"{site['name']}.{operand}", f"{site['kind']} operand", "-",
+                         _format_name(site["format"], entry["exponent_bias"]), "-",
+                         _percent(observer.get("saturated_fraction")),
+                         _percent(observer.get("flushed_fraction")),
+                         "-" if sqnr is None else f"{sqnr:.1f}", observer.get("warning", "")))
+    return rows
+
+
 def format_manifest(data: dict) -> str:
     """A human-readable table of a manifest (as returned by :func:`manifest`)."""
     config, bn = data["config"], data.get("batchnorm")
@@ -94,24 +150,17 @@ def format_manifest(data: dict) -> str:
         lines.append(f"BatchNorm: {bn['batchnorm_layers']} layers re-estimated ({bn['method']}) "
                      f"from {bn['samples']} samples"
                      + (f"; never reached: {', '.join(bn['not_reached'])}" if bn["not_reached"] else ""))
-    header = ("layer", "type", "weight", "input", "saturated", "flushed", "SQNR dB", "note")
-    rows = []
-    for layer in data["layers"]:
-        if layer["status"] == "float":
-            rows.append((layer["name"], layer["type"], "float", "float", "-", "-", "-", layer["reason"]))
-            continue
-        observer = layer.get("observer") or {}
-        sqnr = observer.get("sqnr_db")
-        rows.append((
-            layer["name"], layer["type"],
-            _format_name(layer["weight_format"], layer["weight_exponent_bias"]),
-            _format_name(layer["input_format"], layer["input_exponent_bias"]),
-            _percent(observer.get("saturated_fraction")), _percent(observer.get("flushed_fraction")),
-            "-" if sqnr is None else f"{sqnr:.1f}", observer.get("warning", ""),
-        ))
+    header = ("layer", "type", "weight", "input", "w flushed", "saturated", "flushed", "SQNR dB",
+              "note")
+    rows = _rows(data)
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     quantized = sum(layer["status"] == "quantized" for layer in data["layers"])
-    lines.append(f"{quantized} of {len(data['layers'])} layers quantized")
+    sites = data.get("attention") or []
+    summary = f"{quantized} of {len(data['layers'])} Conv/Linear layers quantized"
+    if sites:
+        summary += (f"; {sum(s['status'] == 'quantized' for s in sites)} of {len(sites)} "
+                    "attention products quantized (softmax, LayerNorm and GELU stay float)")
+    lines.append(summary)
     return "\n".join(lines)

@@ -187,11 +187,14 @@ def test_corrupt_files_are_skipped_with_one_warning(tmp_path):
     (root / "zzz.npy").write_bytes(b"garbage")
     folder = SampleFolder(root, SMALL)
     assert folder.num_samples == 7
-    with pytest.warns(RuntimeWarning, match=r"skipped 4 unreadable sample files") as caught:
+    with pytest.warns(RuntimeWarning, match=r"skipped 4 unusable sample files") as caught:
         batches = _batches(folder)
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert "random.jpg, truncated.jpg, zdict.pt, ..." in message and "zzz" not in message
+    for name in ("random.jpg (UnidentifiedImageError", "truncated.jpg (OSError", "zdict.pt (ValueError"):
+        assert name in message, message
+    assert message.endswith(", ... (strict=True raises instead)")
+    assert "zzz" not in message
     assert [b.shape[0] for b in batches] == [3]
     assert folder.num_samples == 3 and len(folder) == 1
     assert set(p.name for p in folder.skipped) == {"random.jpg", "truncated.jpg", "zdict.pt",
@@ -200,7 +203,7 @@ def test_corrupt_files_are_skipped_with_one_warning(tmp_path):
         warnings.simplefilter("error")  # later passes stay quiet
         assert torch.equal(torch.cat(list(folder)), batches[0])
     strict = SampleFolder(root, SampleConfig(resize=40, crop=32, strict=True))
-    with pytest.raises(SampleError, match=r"cannot read sample .*random\.jpg: "):
+    with pytest.raises(SampleError, match=r"cannot use sample .*random\.jpg: "):
         list(strict)
 
 
@@ -210,9 +213,9 @@ def test_all_corrupt_is_an_error(tmp_path):
     folder = SampleFolder(tmp_path, SMALL)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(SampleError, match=r"all 2 sample files in .* are unreadable"):
+        with pytest.raises(SampleError, match=r"all 2 sample files in .* are unusable"):
             list(folder)
-    with pytest.raises(SampleError, match="unreadable"):
+    with pytest.raises(SampleError, match="unusable"):
         list(folder)
 
 
@@ -276,7 +279,10 @@ def test_shape_mismatch(tmp_path):
     ({"resize": 100}, r"resize \(100\) must be >= crop \(224\)"),
     ({"channels": 2}, "channels must be 1 or 3"),
     ({"channels": 1}, "mean has 3 values but channels is 1"),
-    ({"std": (1.0, 0.0, 1.0)}, "std must be > 0"),
+    ({"std": (1.0, 0.0, 1.0)}, "std must be at least 1e-06"),
+    ({"std": (1e-45,)}, "std must be at least 1e-06"),
+    ({"resize": 30000}, "resize must be at most 8192"),
+    ({"crop": 9000, "resize": None}, "crop must be at most 8192"),
     ({"mean": (float("nan"),)}, "mean must be finite"),
     ({"seed": 1.5}, "seed must be an integer"),
     ({"strict": "yes"}, "strict must be True or False"),

@@ -68,8 +68,8 @@ def test_manifest_contents(tmp_path):
     assert 0 <= observer["saturated_fraction"] <= 1 and observer["sqnr_db"] > 20
     assert observer["values_seen"] == 96 * 16 * 8 * 8
     text = hfp8.format_manifest(data)
-    assert "1.0" in text and "first quantizable layer" in text and "BN re-estimation: shift" in text
-    assert f"{sum(layer['status'] == 'quantized' for layer in data['layers'])} of 5 layers quantized" in text
+    assert "1.0" in text and "first layer: reads the model input" in text and "BN re-estimation: shift" in text
+    assert f"{sum(layer['status'] == 'quantized' for layer in data['layers'])} of 5 Conv/Linear layers quantized" in text
 
 
 def test_manifest_records_a_later_batchnorm_re_estimation(tmp_path):
@@ -120,13 +120,18 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "q.pt"
     path.write_bytes(b"precious")
 
-    def broken_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as stream:
-            stream.write(b"half")
-        raise OSError("disk full")
+    real_open = open
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    def full_disk_open(file, mode="r", *args, **kwargs):  # writes half, then the disk is full
+        stream = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and str(file).endswith(".tmp"):
+            stream.write(b"half")
+            stream.close()
+            raise OSError(28, "No space left on device", str(file))
+        return stream
+
+    monkeypatch.setattr("builtins.open", full_disk_open)
+    with pytest.raises(OSError, match="No space left on device"):
         hfp8.save_quantized(qmodel, path)
     assert path.read_bytes() == b"precious"
     assert os.listdir(tmp_path) == ["q.pt"]  # no temporary file left behind

@@ -1,0 +1,147 @@
+"""One way to feed a model a batch of any structure, and to read outputs of any structure.
+
+Batches (calibration, evaluation, export examples) may be:
+
+* a tensor: ``model(batch)``;
+* a mapping (a dict, a ``transformers.BatchEncoding``): ``model(**batch)``; every key must be an
+  argument of ``forward`` (unless it takes ``**kwargs``);
+* a tuple or list: its items are passed positionally, nested items as they are. Items beyond the
+  number of positional inputs ``forward`` takes are the targets of a labelled loader
+  (``(inputs, target)``): they are not passed, and :func:`split_batch` says how many were left;
+  ``(mapping, target)`` passes the mapping as keyword arguments.
+
+Outputs may be tensors, tuples, lists, dicts, ``ModelOutput``-like mappings and namedtuples,
+nested: :func:`output_leaves` names every tensor leaf by its path (``"0"``, ``"logits"``,
+``"1.boxes"``; a bare tensor is ``"output"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+
+import torch
+
+__all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size",
+           "output_leaves", "positional_capacity", "describe"]
+
+
+class BatchError(TypeError):
+    """A batch that cannot be passed to the model; the message says which part and why."""
+
+
+def positional_capacity(model: Callable) -> tuple[float, set[str] | None]:
+    """(how many positional inputs ``model``'s forward accepts, its keyword names or None when
+    it takes ``**kwargs``). Unknown signatures accept everything."""
+    forward = getattr(model, "forward", model)
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return float("inf"), None
+    positional, names, var_keyword = 0, set(), False
+    for parameter in parameters:
+        if parameter.kind == parameter.VAR_POSITIONAL:
+            positional = float("inf")
+        elif parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            positional += 1
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+            names.add(parameter.name)
+        var_keyword |= parameter.kind == parameter.VAR_KEYWORD
+    return positional, None if var_keyword else names
+
+
+def describe(value) -> str:
+    if torch.is_tensor(value):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _keywords(mapping: Mapping, names: set[str] | None) -> dict:
+    keywords = dict(mapping)
+    for key in keywords:
+        if not isinstance(key, str):
+            raise BatchError(f"batch mapping keys must be argument names, got {key!r}")
+        if names is not None and key not in names:
+            raise BatchError(f"batch key {key!r} is not an argument of the model's forward "
+                             f"(it takes {', '.join(sorted(names)) or 'no keywords'})")
+    return keywords
+
+
+def split_batch(model: Callable, batch) -> tuple[tuple, dict, tuple]:
+    """``(args, kwargs, left)`` for calling ``model`` on ``batch`` (see the module docstring);
+    ``left`` holds the items that are not passed (targets)."""
+    capacity, names = positional_capacity(model)
+    if torch.is_tensor(batch):
+        return (batch,), {}, ()
+    if isinstance(batch, Mapping):
+        return (), _keywords(batch, names), ()
+    if isinstance(batch, (tuple, list)):
+        items = tuple(batch)
+        if not items:
+            raise BatchError("a calibration batch is an empty tuple")
+        if isinstance(items[0], Mapping) and len(items) == 2 and capacity < 2:
+            return (), _keywords(items[0], names), items[1:]
+        if len(items) > capacity:
+            count = int(capacity)
+            if count == 0:
+                raise BatchError("the model's forward takes no positional input, but the batch "
+                                 "is a tuple; give mappings (keyword arguments) instead")
+            return items[:count], {}, items[count:]
+        return items, {}, ()
+    raise BatchError(f"a batch must be a tensor, a tuple/list or a mapping of inputs, got "
+                     f"{describe(batch)}")
+
+
+def call_model(model: Callable, batch):
+    """``model`` called on ``batch`` (targets, if any, are not passed)."""
+    args, kwargs, _ = split_batch(model, batch)
+    return model(*args, **kwargs)
+
+
+def map_tensors(value, function: Callable[[torch.Tensor], torch.Tensor]):
+    """``value`` with ``function`` applied to every tensor leaf; mappings become dicts."""
+    if torch.is_tensor(value):
+        return function(value)
+    if isinstance(value, Mapping):
+        return {key: map_tensors(item, function) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(map_tensors(item, function) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(item, function) for item in value)
+    return value
+
+
+def _first_tensor(value):
+    if torch.is_tensor(value):
+        return value
+    items = value.values() if isinstance(value, Mapping) else value \
+        if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size(batch) -> int:
+    """Length of the first dimension of the batch's first tensor (1 for a 0-d tensor)."""
+    tensor = _first_tensor(batch)
+    if tensor is None:
+        raise BatchError(f"the batch holds no tensor ({describe(batch)})")
+    return int(tensor.shape[0]) if tensor.dim() else 1
+
+
+def output_leaves(output, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a model output, with its path (see the module docstring)."""
+    if torch.is_tensor(output):
+        return [(prefix or "output", output)]
+    if isinstance(output, Mapping):
+        items = output.items()
+    elif isinstance(output, (tuple, list)):
+        items = enumerate(output)
+    else:
+        items = vars(output).items() if hasattr(output, "__dict__") and not callable(output) else ()
+    leaves = []
+    for key, item in items:
+        leaves.extend(output_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves

@@ -1,0 +1,259 @@
+"""How a layer gets its FP8 steps, in place, without replacing its forward.
+
+**Conv1d/2d/3d and Linear** (found by ``isinstance``, subclasses with their own forward
+included) keep their class and forward. Quantizing one adds:
+
+* ``weight`` (the same Parameter) holds the rounded values ``fq(w; weight_exponent_bias)``, so
+  whatever the forward does with ``self.weight`` uses the FP8 weight; int64 buffer
+  ``weight_exponent_bias``, shape ``()`` or ``(out_channels,)``;
+* a forward pre-hook that rounds the layer's input (its first argument) with
+  ``hfp8::quantize_dequantize`` at int64 buffer ``input_exponent_bias``;
+* a plain attribute ``hfp8_quantization`` (:class:`LayerQuantization`): formats and the
+  temporary observer/tap slots.
+
+**Attention products** (``torch.matmul``/``@``/``bmm`` of two activations, and
+``F.scaled_dot_product_attention``) are quantization *sites* owned by the module whose forward
+makes the call: site ``{module}.matmul{k}`` is its k-th activation-activation matmul per call
+(operands ``left``, ``right``), ``{module}.sdpa{k}`` its k-th attention call, computed by the
+definition with ``query``, ``key``, softmax ``probs`` and ``value`` rounded (softmax itself stays
+float). The owner gets a buffer ``{local}_{operand}_exponent_bias`` per operand, an attribute
+``hfp8_sites`` and pre/post hooks that keep a ``TorchFunctionMode`` active while it runs; the
+mode rounds the operands of exactly those calls. Matmuls with a Parameter operand are weights,
+not attention, and are left alone.
+
+Observers and taps are temporary slots: while ``observer`` is set the value passes unrounded and
+is shown to it (calibration); ``tap`` sees every value before rounding (verification).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from hfp8.ptq.formats import FloatFormat
+from hfp8.ptq.ops import scale_for_bias
+
+__all__ = ["QUANTIZABLE_TYPES", "LayerQuantization", "OperandSite", "quantize_point",
+           "attach_layer", "attach_sites", "quantized_layers", "operand_sites",
+           "is_quantizable", "MATMUL_FUNCTIONS", "SDPA_FUNCTIONS", "SDPA_OPERANDS",
+           "MATMUL_OPERANDS"]
+
+QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+LAYER_ATTRIBUTE = "hfp8_quantization"
+SITES_ATTRIBUTE = "hfp8_sites"
+MATMUL_OPERANDS = ("left", "right")
+SDPA_OPERANDS = ("query", "key", "probs", "value")
+MATMUL_FUNCTIONS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
+                    torch.Tensor.bmm, torch.Tensor.__rmatmul__}
+SDPA_FUNCTIONS = {nn.functional.scaled_dot_product_attention}
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return isinstance(module, QUANTIZABLE_TYPES)
+
+
+@dataclass(eq=False)
+class LayerQuantization:
+    """The ``hfp8_quantization`` attribute of a quantized Conv/Linear layer."""
+
+    name: str
+    weight_format: FloatFormat | None
+    input_format: FloatFormat | None
+    observer: object | None = None
+    tap: Callable | None = None
+
+
+@dataclass(eq=False)
+class OperandSite:
+    """One attention product: ``kind`` "matmul" or "sdpa", rounded with ``fmt``."""
+
+    name: str
+    local: str  # name within the owner, e.g. "matmul0"
+    kind: str
+    fmt: FloatFormat
+    observers: dict = field(default_factory=dict)  # operand -> observer, while calibrating
+    tap: Callable | None = None  # tap(site, operand, value), while verifying
+
+    @property
+    def operands(self) -> tuple[str, ...]:
+        return MATMUL_OPERANDS if self.kind == "matmul" else SDPA_OPERANDS
+
+    def bias_buffer(self, operand: str) -> str:
+        return f"{self.local}_{operand}_exponent_bias"
+
+
+def quantize_point(x: torch.Tensor, fmt: FloatFormat | None, exponent_bias: torch.Tensor,
+                   site: str, observer=None, tap=None) -> torch.Tensor:
+    """One quantization point: tap, observe (value passes unrounded) or round."""
+    if tap is not None:
+        tap(x)
+    if observer is not None:
+        observer.observe(x)
+        return x
+    if fmt is None or not torch.is_tensor(x) or not x.is_floating_point():
+        return x
+    return torch.ops.hfp8.quantize_dequantize(
+        x, scale_for_bias(fmt, exponent_bias), fmt.exponent_bits, fmt.mantissa_bits,
+        fmt.specials, site)
+
+
+# -- Conv / Linear ----------------------------------------------------------------------------
+def _quantize_layer_input(module, args, kwargs):
+    state: LayerQuantization = getattr(module, LAYER_ATTRIBUTE)
+    point = lambda x: quantize_point(x, state.input_format, module.input_exponent_bias,  # noqa: E731
+                                     state.name, state.observer, state.tap)
+    if args:
+        return (point(args[0]), *args[1:]), kwargs
+    for key, value in kwargs.items():  # forward(input=...) called by keyword
+        if torch.is_tensor(value):
+            return args, {**kwargs, key: point(value)}
+    return args, kwargs
+
+
+def attach_layer(module: nn.Module, name: str, weight_format: FloatFormat | None,
+                 input_format: FloatFormat | None, per_channel: bool) -> LayerQuantization:
+    """Give ``module`` (a Conv/Linear) its buffers, pre-hook and state; biases start at the
+    formats' own. The weight is not touched here (see :func:`hfp8.ptq.transform`)."""
+    if hasattr(module, LAYER_ATTRIBUTE):
+        raise ValueError(f"layer {name!r} is already quantized")
+    device = module.weight.device
+    shape = (module.weight.shape[0],) if per_channel else ()
+    module.register_buffer("weight_exponent_bias", torch.full(
+        shape, weight_format.exponent_bias if weight_format else 0, dtype=torch.int64, device=device))
+    module.register_buffer("input_exponent_bias", torch.tensor(
+        input_format.exponent_bias if input_format else 0, dtype=torch.int64, device=device))
+    state = LayerQuantization(name, weight_format, input_format)
+    setattr(module, LAYER_ATTRIBUTE, state)
+    module.register_forward_pre_hook(_quantize_layer_input, with_kwargs=True)
+    return state
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized Conv/Linear layers of ``model`` by name, in registration order."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, LAYER_ATTRIBUTE)}
+
+
+def layer_state(module: nn.Module) -> LayerQuantization:
+    return getattr(module, LAYER_ATTRIBUTE)
+
+
+# -- attention products -----------------------------------------------------------------------
+_ACTIVE = threading.local()  # .frames: stack of [owner module, {kind: calls so far}, mode]
+
+
+def _frames() -> list:
+    if not hasattr(_ACTIVE, "frames"):
+        _ACTIVE.frames = []
+    return _ACTIVE.frames
+
+
+def _is_activation(value) -> bool:
+    return torch.is_tensor(value) and not isinstance(value, nn.Parameter) and \
+        value.is_floating_point()
+
+
+def _site_for(kind: str) -> tuple[nn.Module, OperandSite] | tuple[None, None]:
+    owner, calls, _ = _frames()[-1]
+    index = calls.get(kind, 0)
+    calls[kind] = index + 1
+    site = getattr(owner, SITES_ATTRIBUTE).get(f"{kind}{index}")
+    return (owner, site) if site is not None else (None, None)
+
+
+def _point(owner: nn.Module, site: OperandSite, operand: str, x: torch.Tensor) -> torch.Tensor:
+    tap = None if site.tap is None else (lambda value: site.tap(site, operand, value))
+    return quantize_point(x, site.fmt, getattr(owner, site.bias_buffer(operand)),
+                          f"{site.name}.{operand}", site.observers.get(operand), tap)
+
+
+def attention_by_definition(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                            scale=None, enable_gqa=False, round_operand=None):
+    """``softmax(q k^T * scale + mask) v`` as PyTorch documents scaled_dot_product_attention,
+    with ``round_operand(name, tensor)`` applied to query, key, probs and value."""
+    round_operand = round_operand or (lambda name, x: x)
+    length, source = query.size(-2), key.size(-2)
+    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa:
+        repeats = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+    scores = torch.matmul(round_operand("query", query),
+                          round_operand("key", key).transpose(-2, -1)) * factor
+    if is_causal:
+        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = nn.functional.dropout(probs, dropout_p)
+    return torch.matmul(round_operand("probs", probs), round_operand("value", value))
+
+
+class _SiteMode(TorchFunctionMode):
+    """Rounds the operands of the attention products of the innermost running owner."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATMUL_FUNCTIONS and len(args) >= 2 and _is_activation(args[0]) \
+                and _is_activation(args[1]):
+            owner, site = _site_for("matmul")
+            if site is not None:
+                left, right = (args[1], args[0]) if func is torch.Tensor.__rmatmul__ else args[:2]
+                left = _point(owner, site, "left", left)
+                right = _point(owner, site, "right", right)
+                return torch.matmul(left, right)
+        elif func in SDPA_FUNCTIONS and len(args) >= 3 and all(_is_activation(a) for a in args[:3]):
+            owner, site = _site_for("sdpa")
+            if site is not None:
+                return attention_by_definition(
+                    *args, **kwargs,
+                    round_operand=lambda name, x: _point(owner, site, name, x))
+        return func(*args, **kwargs)
+
+
+def _enter_owner(module, args):
+    frames = _frames()
+    mode = None
+    if not frames:  # one hfp8 mode at a time; inner owners share it
+        mode = _SiteMode()
+        mode.__enter__()
+    frames.append([module, {}, mode])
+
+
+def _leave_owner(module, args, output):
+    frames = _frames()
+    if frames and frames[-1][0] is module:
+        _, _, mode = frames.pop()
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+
+def attach_sites(owner: nn.Module, sites: list[OperandSite]) -> None:
+    """Make ``owner`` round the operands of ``sites`` (all of its own forward's sites)."""
+    if hasattr(owner, SITES_ATTRIBUTE):
+        raise ValueError(f"{sites[0].name.rpartition('.')[0]!r} already has attention sites")
+    device = next((t.device for t in (*owner.parameters(), *owner.buffers())),
+                  torch.device("cpu"))
+    for site in sites:
+        for operand in site.operands:
+            owner.register_buffer(site.bias_buffer(operand), torch.tensor(
+                site.fmt.exponent_bias, dtype=torch.int64, device=device))
+    setattr(owner, SITES_ATTRIBUTE, {site.local: site for site in sites})
+    owner.register_forward_pre_hook(_enter_owner)
+    owner.register_forward_hook(_leave_owner, always_call=True)
+
+
+def operand_sites(model: nn.Module) -> dict[str, tuple[nn.Module, OperandSite]]:
+    """Every attention site of ``model``: name -> (owner module, site)."""
+    found = {}
+    for module in model.modules():
+        for site in getattr(module, SITES_ATTRIBUTE, {}).values():
+            found[site.name] = (module, site)
+    return found
