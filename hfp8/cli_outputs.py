@@ -75,7 +75,7 @@ def verification_text(report: dict) -> str:
     checked = [r for r in layers.values() if r["checked"]]
     within = sum(r["within_bound"] for r in checked)
     whole = report["whole_model"]
-    verdict = "OK" if passed(report) else "FAILED"
+    verdict = "OK" if report.get("passed", passed(report)) else "FAILED"
     text = (f"onnxruntime verification {verdict}: {exact}/{len(pairs)} Q/DQ pairs bit-exact; "
             f"{within}/{len(checked)} layers replayed within the float32 summation bound")
     if len(checked) < len(layers):

@@ -17,13 +17,14 @@ nested: :func:`output_leaves` names every tensor leaf by its path (``"0"``, ``"l
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 
 import torch
 
 __all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size",
-           "output_leaves", "positional_capacity", "describe"]
+           "output_leaves", "positional_capacity", "describe", "describe_batch"]
 
 
 class BatchError(TypeError):
@@ -111,6 +112,15 @@ def map_tensors(value, function: Callable[[torch.Tensor], torch.Tensor]):
     return value
 
 
+def describe_batch(batch) -> str:
+    """``a float32 tensor of shape (8, 3, 224, 224)``, ``{input_ids: ..., ...}``, ..."""
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in batch) + ")"
+    return describe(batch)
+
+
 def _first_tensor(value):
     if torch.is_tensor(value):
         return value
@@ -139,8 +149,10 @@ def output_leaves(output, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
         items = output.items()
     elif isinstance(output, (tuple, list)):
         items = enumerate(output)
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = ((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
     else:
-        items = vars(output).items() if hasattr(output, "__dict__") and not callable(output) else ()
+        items = ()
     leaves = []
     for key, item in items:
         leaves.extend(output_leaves(item, f"{prefix}.{key}" if prefix else str(key)))

@@ -54,3 +54,54 @@ def test_interrupted_write_leaves_no_temporary(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_overwrite_a_target_that_appears_meanwhile_is_not_replaced(tmp_path):
+    """Issue 12 item 7: two runs racing for one name. The other run's file appears while we
+    write; the final hard link refuses to replace it, and our group takes back what it placed."""
+    from hfp8._files import OutputExistsError
+
+    first, second = tmp_path / "q.pt", tmp_path / "q.onnx"
+
+    def write(temporaries):
+        for temporary in temporaries:
+            _write_text(temporary, "ours")
+        _write_text(second, "theirs")  # the racing run finished first
+
+    with pytest.raises(OutputExistsError, match="appeared while writing"):
+        atomic_write_all([first, second], write, overwrite=False)
+    assert second.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # ours taken back, no temps
+
+
+def test_without_overwrite_an_existing_target_is_refused_before_writing(tmp_path):
+    from hfp8._files import OutputExistsError
+
+    target = tmp_path / "q.pt"
+    target.write_text("keep")
+    calls = []
+    with pytest.raises(OutputExistsError, match="already exists"):
+        atomic_write(target, calls.append, overwrite=False)
+    assert calls == [] and target.read_text() == "keep"
+
+
+def test_fifos_and_devices_are_never_replaced(tmp_path):
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        atomic_write(fifo, lambda temporary: _write_text(temporary, "x"))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(OSError, match="not a regular file"):
+        atomic_write("/dev/null", lambda temporary: None)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_temporary_names_fit_the_folders_limit(tmp_path):
+    """Issue 12 item 9: a legal 253-character name failed with 'File name too long' because the
+    temporary name added 16 characters."""
+    target = tmp_path / ("m" * 249 + ".onnx")
+    atomic_write(target, lambda temporary: _write_text(temporary, "ok"))
+    assert target.read_text() == "ok" and len(target.name) == 254

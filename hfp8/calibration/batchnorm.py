@@ -141,6 +141,8 @@ def recalibrate_batchnorm(
     ``num_batches`` are used. ``method="shift"`` needs ``reference``, the float model with the
     same BatchNorm layer names (see the module docstring). Train/eval flags and every other
     piece of state are restored, also when the pass fails; on failure no statistic changes.
+    Non-finite measured statistics (NaN or Inf reached a BatchNorm input) are an error naming
+    the layer, and nothing is written.
     Returns a report: method, BatchNorm layers updated, batches and samples used, and the layers
     that never ran (left unchanged). On a model from :func:`hfp8.quantize_model` the report also
     replaces the one in its manifest.
@@ -162,6 +164,14 @@ def recalibrate_batchnorm(
             raise ValueError(f"reference model has no BatchNorm layer named {missing[0]!r}")
         models.append(reference)
     moments, report["batches"], report["samples"] = _measure(models, calibration, num_batches, quiet)
+    for index, model_moments in enumerate(moments):  # check every layer before writing any
+        for name, measured in model_moments.items():
+            if measured.mean is not None and not (torch.isfinite(measured.mean).all()
+                                                  and torch.isfinite(measured.variance()).all()):
+                which = "the float reference's" if index else "its"
+                raise ValueError(f"BatchNorm {name!r}: {which} input held NaN or Inf during "
+                                 "re-estimation; no statistic was changed (check the samples "
+                                 "and the model's weights)")
     with torch.no_grad():
         for name, bn in layers.items():
             measured = moments[0][name]

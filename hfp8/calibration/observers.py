@@ -53,6 +53,7 @@ class HistogramObserver:
         self.generator = torch.Generator().manual_seed(seed)
         self.amax = 0.0
         self.num_values = 0  # every value seen (finite or not)
+        self.num_non_finite = 0  # NaN and +-Inf among them, counted exactly
         self.num_calls = 0
         self.counts = torch.zeros(_BINS, dtype=torch.float64)
         self.sums = torch.zeros(_BINS, dtype=torch.float64)
@@ -69,7 +70,9 @@ class HistogramObserver:
         low, high = torch.aminmax(values)  # one pass, no |x| temporary
         batch_max = torch.maximum(low.abs(), high.abs())
         if not torch.isfinite(batch_max):
-            finite = values[torch.isfinite(values)]
+            finite_mask = torch.isfinite(values)
+            self.num_non_finite += int(values.numel() - finite_mask.sum())
+            finite = values[finite_mask]
             batch_max = finite.abs().max() if finite.numel() else batch_max.new_zeros(())
         self.amax = max(self.amax, float(batch_max))
         if values.numel() > self.sample_size:
@@ -140,5 +143,6 @@ class HistogramObserver:
             "flushed_fraction": flushed / total,
             "zero_fraction": float(counts[0]) / total,
             "non_finite_fraction": float(self.counts[_FIRST_NON_FINITE_BIN:].sum()) / total,
+            "non_finite_values": self.num_non_finite,
             "sqnr_db": sqnr,
         }

@@ -130,7 +130,8 @@ def _load_tensor(path: Path):
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) \
                 or np.iscomplexobj(array):
             raise ValueError(f"unsupported array dtype {array.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to Inf is refused below
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     value = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(value, dict) and value and all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in value.items()):

@@ -41,7 +41,7 @@ from hfp8.calibration.batches import Peeked, calibration_batches, model_device
 from hfp8.calibration.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from hfp8.calibration.bias_selection import select_exponent_bias
 from hfp8.calibration.observers import HistogramObserver
-from hfp8.model_io import batch_size, call_model, describe, split_batch
+from hfp8.model_io import batch_size, call_model, describe, describe_batch, split_batch
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
 from hfp8.ptq.graph_probe import ProbeResult, probe_model
@@ -218,6 +218,11 @@ def _choose_input_biases(points, observers, config) -> dict[str, dict]:
     """Sets each point's bias from its observer; returns the observer summaries."""
     summaries = {}
     for name, observer in observers.items():
+        if observer.num_non_finite:
+            raise ValueError(f"the input of {name!r} held {observer.num_non_finite} NaN or Inf "
+                             f"values during calibration (of {observer.num_values}); a model is "
+                             "not made from that (check the samples and the model's weights)")
+    for name, observer in observers.items():
         fmt, owner, buffer, _ = points[name]
         if observer.num_calls == 0:
             warnings.warn(f"{name!r} never ran during calibration; its input keeps the "
@@ -249,6 +254,10 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig = QuantCon
         raise TypeError(f"config must be an hfp8.QuantConfig, got {type(config).__name__}")
     if not any(is_quantizable(m) for m in model.modules()):
         raise ValueError("the model has no Conv1d/2d/3d or Linear layer to quantize")
+    for name, bn in batchnorm_layers(model).items():
+        if not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()):
+            raise ValueError(f"BatchNorm {name!r} has NaN or Inf running statistics; refusing to "
+                             "quantize a broken model")
     batches = Peeked(calibration)
     if batches.first is None:
         raise ValueError("the calibration data holds no batch")
@@ -258,7 +267,12 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig = QuantCon
         warnings.warn(f"calibration batches carry {len(left)} item(s) beyond the inputs the "
                       f"model's forward takes ({describe(left[0])} first); they are not passed "
                       "(taken for targets)", stacklevel=2)
-    probe = probe_model(qmodel, batches.first)
+    try:
+        probe = probe_model(qmodel, batches.first)
+    except Exception as error:  # noqa: BLE001 - the model's own code raises anything
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(f"the model rejects the first calibration batch ({describe_batch(batches.first)}): "
+                         f"{type(error).__name__}: {' '.join(lines) or '-'}") from error
     layer_plan, site_plan = plan_quantization(qmodel, config, probe)
     weight_summaries = _quantize_weights(qmodel, layer_plan, config)
     _attach_sites(qmodel, site_plan, probe, config)
