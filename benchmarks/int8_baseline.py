@@ -12,7 +12,10 @@ import copy
 import torch
 from torch import nn
 
-from hfp8.ptq.transform import plan_layers
+from hfp8.calibration.batches import Peeked
+from hfp8.model_io import call_model
+from hfp8.ptq.graph_probe import probe_model
+from hfp8.ptq.transform import plan_quantization
 
 
 def _quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -21,9 +24,12 @@ def _quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def int8_quantize_model(model: nn.Module, calibration, config, per_channel: bool) -> nn.Module:
-    """INT8 copy of ``model`` quantizing the layers ``config`` selects (same first/last rule)."""
+    """INT8 copy of ``model`` quantizing the Conv/Linear layers ``config`` selects (same
+    first/last rule, by position in the graph); attention products stay float."""
     qmodel = copy.deepcopy(model).eval()
-    names = [name for name, reason in plan_layers(qmodel, config).items() if reason is None]
+    calibration = Peeked(calibration)
+    layers, _ = plan_quantization(qmodel, config, probe_model(qmodel, calibration.first))
+    names = [name for name, reason in layers.items() if reason is None]
     amax = {name: torch.zeros(()) for name in names}
     handles = []
     for name in names:
@@ -39,7 +45,7 @@ def int8_quantize_model(model: nn.Module, calibration, config, per_channel: bool
         handles.append(layer.register_forward_pre_hook(observe))
     with torch.no_grad():
         for batch in calibration:
-            qmodel(batch)
+            call_model(qmodel, batch)
     for handle in handles:
         handle.remove()
     for name in names:

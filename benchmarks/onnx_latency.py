@@ -48,8 +48,8 @@ def main() -> None:
     qmodel = hfp8.quantize_model(model, calibration, quiet=True)
     with tempfile.TemporaryDirectory() as folder:
         float_path, qdq_path = os.path.join(folder, "float.onnx"), os.path.join(folder, "qdq.onnx")
-        hfp8.export_onnx(model, float_path, calibration[0][:1])
-        hfp8.export_onnx(qmodel, qdq_path, calibration[0][:1])
+        hfp8.export_onnx(model, float_path, calibration[0][:2])
+        hfp8.export_onnx(qmodel, qdq_path, calibration[0][:2])
         sizes = (os.path.getsize(float_path), os.path.getsize(qdq_path))
         sessions = {"float": session(float_path), "qdq": session(qdq_path),
                     "qdq, QDQ transforms off": session(qdq_path, disable_qdq=True)}
@@ -59,7 +59,8 @@ def main() -> None:
         print(f"{'batch':>5s} {'float ms':>9s} {'QDQ ms':>8s} {'QDQ/float':>10s} "
               f"{'QDQ, transforms off/float':>26s}")
         for batch in args.batches:
-            x = {"input": np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+            name = next(iter(sessions.values())).get_inputs()[0].name
+            x = {name: np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)}
             times = {name: [] for name in sessions}
             for s in sessions.values():
                 for _ in range(3):

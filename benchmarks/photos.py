@@ -100,21 +100,21 @@ def _crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, in
     return left, top, left + w, top + h
 
 
-def photo_crops(split: str, count: int, seed: int) -> torch.Tensor:
-    """``count`` normalized crops from ``split``'s photos, float32 (count, 3, 224, 224).
+def photo_crops(split: str, count: int, seed: int, size: int = CROP_SIZE) -> torch.Tensor:
+    """``count`` normalized crops from ``split``'s photos, float32 (count, 3, size, size).
 
-    Deterministic in (split, count, seed); see the module docstring for the crop recipe.
+    Deterministic in (split, count, seed, size); see the module docstring for the crop recipe.
     """
     names = photo_names(split)
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     photos = [load_photo(name) for name in names]
     rng = random.Random(seed)
-    crops = torch.empty(count, 3, CROP_SIZE, CROP_SIZE)
+    crops = torch.empty(count, 3, size, size)
     for i in range(count):
         photo = photos[i % len(photos)]
         box = _crop_box(*photo.size, rng)
-        crop = preprocess_image(photo.resize((CROP_SIZE, CROP_SIZE), Image.BILINEAR, box=box),
+        crop = preprocess_image(photo.resize((size, size), Image.BILINEAR, box=box),
                                 resize=None, crop=None)
         crops[i] = crop.flip(-1) if rng.random() < 0.5 else crop
     return crops

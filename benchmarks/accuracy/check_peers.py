@@ -126,7 +126,7 @@ def main() -> None:
 
     model, calibration, test, labels = example_data(args.batch_size)
     reference = collect_logits(model, test)
-    float_layers = hfp8_float_layers(model)
+    float_layers = hfp8_float_layers(model, calibration[0])
     n_layers = len([m for m in model.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)])
 
     rows = [{"method": "float32", "layers": "-", "top1": top1_accuracy(reference, labels),

@@ -55,7 +55,7 @@ def main() -> None:
     if not args.no_peers:
         from peers import PEERS, hfp8_float_layers
 
-        exclude = hfp8_float_layers(model)  # the same layer set as hfp8's default
+        exclude = hfp8_float_layers(model, calibration[0])  # the same layer set as hfp8's default
         peers = {name: (lambda m, c, f=function: f(m, c, exclude=exclude))
                  for name, function in PEERS.items()}
     print(f"Fashion-MNIST BN ResNet, {args.calibration} calibration images, 10,000 test images, "

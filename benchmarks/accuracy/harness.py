@@ -43,9 +43,10 @@ def onnx_of(config: hfp8.QuantConfig) -> Callable:
         qmodel = hfp8.quantize_model(model, calibration, config, quiet=True)
         folder = tempfile.mkdtemp()
         path = os.path.join(folder, "model.onnx")
-        hfp8.export_onnx(qmodel, path, calibration[0][:1])
+        hfp8.export_onnx(qmodel, path, calibration[0][:2])
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     return build
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     if not args.no_peers:
         from peers import PEERS, hfp8_float_layers
 
-        exclude = hfp8_float_layers(model)
+        exclude = hfp8_float_layers(model, calibration[0])
         peers = {name: (lambda m, c, f=function: f(m, c, exclude=exclude))
                  for name, function in PEERS.items()}
     extra = (Row(RECIPE, ours(C(exclude=("features.1.conv.0.0",)))),)

@@ -17,7 +17,7 @@ statistics, and both calibrate activation ranges with every quantizer disabled (
 and float activations upstream); hfp8 calibrates with the quantized weights in place.
 
 ``exclude`` (both functions): exact module names to leave in float, e.g.
-``hfp8_float_layers(model)`` to quantize the same layer set as hfp8's default (which keeps the
+``hfp8_float_layers(model, batch)`` to quantize the same layer set as hfp8's default (which keeps the
 first and last Conv/Linear layers in full precision). The peers' own default, used when
 ``exclude`` is empty, is to quantize every supported layer.
 """
@@ -252,10 +252,14 @@ def quantized_layers(qmodel: nn.Module) -> dict[str, dict[str, str]]:
     return layers
 
 
-def hfp8_float_layers(model: nn.Module, config=None) -> list[str]:
+def hfp8_float_layers(model: nn.Module, example_batch, config=None) -> list[str]:
     """Names of the Conv/Linear layers hfp8 keeps in float under ``config`` (default
-    ``hfp8.QuantConfig()``: the first and last), for ``exclude=`` of the peer functions."""
+    ``hfp8.QuantConfig()``: the first and last, by position in the graph, which one forward
+    pass on ``example_batch`` finds), for ``exclude=`` of the peer functions."""
     import hfp8
-    from hfp8.ptq.transform import plan_layers
-    plan = plan_layers(model, config if config is not None else hfp8.QuantConfig())
-    return [name for name, reason in plan.items() if reason is not None]
+    from hfp8.ptq.graph_probe import probe_model
+    from hfp8.ptq.transform import plan_quantization
+
+    layers, _ = plan_quantization(model, config if config is not None else hfp8.QuantConfig(),
+                                  probe_model(model, example_batch))
+    return [name for name, reason in layers.items() if reason is not None]
