@@ -44,6 +44,7 @@ EPILOGS = {
   hfp8-ptq evaluate model.pt --arch hfp8.examples:fashion_cnn --data test/ --channels 1 ...""",
     "inspect": """examples:
   hfp8-ptq inspect model.hfp8.pt
+  hfp8-ptq inspect model.hfp8.pt --plot layers.png
   hfp8-ptq inspect model.onnx --json""",
     "example": """examples:
   hfp8-ptq example demo && cd demo   (then follow the commands it prints)""",
@@ -127,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the model's BatchNorm statistics as they are")
     fmt.add_argument("--bn-method", choices=("shift", "full"), default="shift",
                      help="BN re-estimation: shift (default; robust with few samples) or full")
+    fmt.add_argument("--weight-rounding", choices=("compensated", "nearest"), default="compensated",
+                     help="compensated (default: error-compensating rounding onto the same FP8 "
+                          "grid) or nearest")
+    fmt.add_argument("--float-budget", type=float, default=0.01, metavar="FRACTION",
+                     help="keep the most sensitive layers float within this fraction of the "
+                          "quantized layers' weights (or MACs); 0 = none (default 0.01)")
+    fmt.add_argument("--budget-unit", choices=("weights", "macs"), default="weights",
+                     help="what --float-budget counts (default weights)")
+    fmt.add_argument("--target-sqnr", type=float, metavar="DB",
+                     help="stop keeping layers float once the predicted output SQNR reaches DB")
+    fmt.add_argument("--plot", metavar="FILE.png",
+                     help="also draw per-layer sensitivity, SQNR and saturation (needs matplotlib)")
     _sample_arguments(q, "samples")
 
     r = command("recalibrate-bn", "re-estimate BatchNorm statistics of a quantized model")
@@ -159,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = command("inspect", "show a quantized model's manifest (layers, formats, biases)")
     i.add_argument("file", help="quantized model file or exported ONNX file")
+    i.add_argument("--plot", metavar="FILE.png",
+                   help="draw per-layer sensitivity, SQNR and saturation (needs matplotlib)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing plot file")
 
     x = command("example", "copy the built-in example (model + sample folders) into a folder")
     x.add_argument("folder", help="new or empty folder")

@@ -14,10 +14,11 @@ from hfp8.cli_outputs import VerificationFailed, check_output, verification_text
 from hfp8.evaluation import collect_logits, compare_outputs, top1_accuracy
 from hfp8.model_files import ModelFileError, file_kind, load_model
 from hfp8.model_io import BatchError, map_tensors
+from hfp8.ptq.plot import PlotError  # light: matplotlib is imported on use
 from hfp8.ptq.transform import REPORT_ATTRIBUTE
 from hfp8.ptq.verify import passed
 
-INPUT_ERRORS = (inputs.UsageError, ModelFileError, SampleError, hfp8.QuantizedFileError,
+INPUT_ERRORS = (inputs.UsageError, PlotError, ModelFileError, SampleError, hfp8.QuantizedFileError,
                 hfp8.ExportError, BatchError, ValueError, TypeError, OSError)
 
 
@@ -47,11 +48,28 @@ def _config(args) -> hfp8.QuantConfig:
         weight_bias_method=args.bias_method, activation_bias_method=args.bias_method,
         keep_first_and_last=not args.quantize_first_last, exclude=tuple(args.exclude),
         include=tuple(args.include), quantize_attention=not args.no_attention,
-        bn_recalibration="none" if args.no_bn_recalibration else args.bn_method)
+        bn_recalibration="none" if args.no_bn_recalibration else args.bn_method,
+        weight_rounding=args.weight_rounding, float_budget=args.float_budget,
+        budget_unit=args.budget_unit, target_sqnr_db=args.target_sqnr)
+
+
+def _check_plot(args, inputs_: list) -> None:
+    if args.plot:
+        check_output(args.plot, inputs_, args.overwrite)
+        if not args.plot.lower().endswith(".png"):
+            raise inputs.UsageError(f"--plot {args.plot}: give a .png file name")
+        _pyplot_available()
+
+
+def _pyplot_available() -> None:
+    from hfp8.ptq.plot import _pyplot
+
+    _pyplot()
 
 
 def quantize(args) -> tuple[dict, str, int]:
     check_output(args.output, [args.model], args.overwrite, [args.calib])
+    _check_plot(args, [args.model, args.output, args.onnx])
     if args.onnx:
         check_output(args.onnx, [args.model, args.output], args.overwrite, [args.calib])
         if Path(args.onnx).resolve() == Path(args.output).resolve():
@@ -88,6 +106,11 @@ def quantize(args) -> tuple[dict, str, int]:
 
     write_outputs([args.output, args.onnx] if args.onnx else [args.output], write, args.overwrite)
     lines = [hfp8.format_manifest(report["manifest"]), f"wrote {args.output}"]
+    if args.plot:
+        from hfp8.ptq.plot import plot_manifest
+
+        plot_manifest(report["manifest"], args.plot)
+        lines.append(f"wrote {args.plot}")
     if args.onnx:
         report["onnx"] = args.onnx
         lines.append(f"wrote {args.onnx}")
@@ -200,11 +223,23 @@ def evaluate(args) -> tuple[dict, str, int]:
     return report, _fidelity_text(result), 0
 
 
+def _plotted(args, manifest: dict | None, text: str) -> str:
+    if not args.plot:
+        return text
+    if manifest is None:
+        raise inputs.UsageError(f"{args.file} holds no hfp8-ptq manifest to plot")
+    from hfp8.ptq.plot import plot_manifest
+
+    plot_manifest(manifest, args.plot, title=f"{Path(args.file).name} (red: kept float)")
+    return f"{text}\nwrote {args.plot}"
+
+
 def inspect(args) -> tuple[dict, str, int]:
+    _check_plot(args, [args.file])
     kind = file_kind(args.file)
     if kind == "hfp8":
         manifest = hfp8.read_manifest(args.file)
-        return manifest, hfp8.format_manifest(manifest), 0
+        return manifest, _plotted(args, manifest, hfp8.format_manifest(manifest)), 0
     if kind != "onnx":
         raise inputs.UsageError(f"{args.file} is neither an hfp8-ptq model nor an ONNX file")
     import onnx
@@ -226,8 +261,9 @@ def inspect(args) -> tuple[dict, str, int]:
             f"{', '.join(summary['inputs'])}; outputs {', '.join(summary['outputs'])}")
     manifest = inputs.onnx_manifest(args.file, model)
     if manifest is not None:
-        return {**summary, "manifest": manifest}, text + "\n" + hfp8.format_manifest(manifest), 0
-    return summary, text + "\n(no hfp8-ptq manifest in the metadata)", 0
+        text = _plotted(args, manifest, text + "\n" + hfp8.format_manifest(manifest))
+        return {**summary, "manifest": manifest}, text, 0
+    return summary, _plotted(args, None, text + "\n(no hfp8-ptq manifest in the metadata)"), 0
 
 
 def example(args) -> tuple[dict, str, int]:

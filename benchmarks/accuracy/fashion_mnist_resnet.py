@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from fashion_resnet import images_to_inputs, trained_model  # noqa: E402
-from harness import logits_of, run, standard_rows, write_outputs  # noqa: E402
+from harness import DEFAULT, logits_of, run, standard_rows, write_outputs  # noqa: E402
 
 from hfp8.evaluation import fidelity  # noqa: E402
 from hfp8.examples.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
     results = run(standard_rows(), model, calibration, evaluate, peers)
     by_label = {r["label"]: r for r in results}
     fp32 = by_label["FP32"]["top1"]
-    best = by_label["E4M3 + mse + BN re-est. shift (default)"]["top1"]
+    best = by_label[DEFAULT]["top1"]
     int8 = by_label["INT8 per-tensor (max)"]["top1"]
     print(f"goal: E4M3 + BN within 0.2 points of FP32: {100 * (best - fp32):+.2f} points -> "
           f"{'met' if best >= fp32 - 0.002 else 'missed'}; at least INT8 per-tensor "

@@ -2,8 +2,8 @@
 
 Every row quantizes the same FP32 model with the same calibration batches and is evaluated on
 the same evaluation batches, in one process, so the numbers compare directly. Wall times of the
-PTQ step are measured in the same run; the "time / ours" column divides by the time of our
-default PTQ (E4M3 + bias selection + BN re-estimation "shift").
+PTQ step are measured in the same run; "time / ours" divides by the time of our default PTQ, and
+"time / float pass" by one FP32 forward pass over the calibration set, timed first.
 """
 
 from __future__ import annotations
@@ -54,22 +54,32 @@ def int8(per_channel: bool) -> Callable:
     return lambda model, calibration: int8_quantize_model(model, calibration, C(), per_channel)
 
 
+DEFAULT = "E4M3 default: shift + compensated + 1% float (default)"
+PLAIN = dict(weight_rounding="nearest", float_budget=0.0)  # the steps before issue 11
+
+
 def standard_rows(extra: tuple[Row, ...] = ()) -> list[Row]:
-    """The issue's rows: FP32, INT8, E5M2, E4M3 variants, the ONNX file; peers come after."""
+    """FP32, INT8, E5M2, the E4M3 steps one at a time (ablation), the ONNX file; peers after.
+    Rows before the default round weights to nearest and keep no layer float, as labelled."""
     return [
         Row("FP32", lambda model, calibration: model),
         Row("INT8 per-tensor (max)", int8(False)),
         Row("INT8 per-channel (max)", int8(True)),
         Row("E5M2 + bias selection + BN shift", ours(C(weight_format=hfp8.E5M2,
-                                                       activation_format=hfp8.E5M2))),
+                                                       activation_format=hfp8.E5M2, **PLAIN))),
         Row("E4M3 bias 7 (fixed)", ours(C(weight_bias_method="fixed", activation_bias_method="fixed",
-                                          bn_recalibration="none"))),
+                                          bn_recalibration="none", **PLAIN))),
         Row("E4M3 + bias selection (max)", ours(C(weight_bias_method="max",
                                                   activation_bias_method="max",
-                                                  bn_recalibration="none"))),
-        Row("E4M3 + bias selection (mse)", ours(C(bn_recalibration="none"))),
-        Row("E4M3 + mse + BN re-est. full", ours(C(bn_recalibration="full"))),
-        Row("E4M3 + mse + BN re-est. shift (default)", ours(C())),
+                                                  bn_recalibration="none", **PLAIN))),
+        Row("E4M3 + bias selection (mse)", ours(C(bn_recalibration="none", **PLAIN))),
+        Row("E4M3 + mse + BN re-est. full", ours(C(bn_recalibration="full", **PLAIN))),
+        Row("E4M3 + mse + BN re-est. shift", ours(C(**PLAIN))),
+        Row("  + compensated rounding", ours(C(float_budget=0.0))),
+        Row("  + 1% float budget (rounding to nearest)", ours(C(weight_rounding="nearest"))),
+        Row(DEFAULT, ours(C())),
+        Row("E4M3 weights only, rounding to nearest", ours(C(activation_format=None, **PLAIN))),
+        Row("E4M3 weights only, compensated", ours(C(activation_format=None, float_budget=0.0))),
         *extra,
         Row("E4M3 default, exported, onnxruntime", onnx_of(C())),
     ]
@@ -81,10 +91,22 @@ def logits_of(model, batches) -> torch.Tensor:
     return collect_logits(model, batches)
 
 
+@torch.no_grad()
+def float_pass_seconds(model: nn.Module, calibration: list[torch.Tensor]) -> float:
+    """One FP32 forward pass over the calibration set (eval mode), the unit of PTQ time."""
+    start = time.perf_counter()
+    for batch in calibration:
+        model(batch)
+    return time.perf_counter() - start
+
+
 def run(rows: list[Row], model: nn.Module, calibration: list[torch.Tensor],
         evaluate: Callable[[torch.Tensor], dict], peers: dict[str, Callable] | None = None,
-        default_label: str = "E4M3 + mse + BN re-est. shift (default)") -> list[dict]:
-    """Builds and evaluates every row (and every peer); prints one line per row as it goes."""
+        default_label: str = DEFAULT) -> list[dict]:
+    """Builds and evaluates every row (and every peer); prints one line per row as it goes.
+    Each row's PTQ time is also given over one FP32 pass on the calibration set, timed first."""
+    float_seconds = float_pass_seconds(model, calibration)
+    print(f"one FP32 forward pass over the calibration set: {float_seconds:.1f} s")
     results = []
     jobs = [(row.label, row.build, "hfp8") for row in rows]
     jobs += [(f"peer: {name}", build, name) for name, build in (peers or {}).items()]
@@ -95,13 +117,15 @@ def run(rows: list[Row], model: nn.Module, calibration: list[torch.Tensor],
         except Exception as error:  # noqa: BLE001 - a peer failing is a result, not a crash
             results.append({"label": label, "source": source,
                             "error": f"{type(error).__name__}: {error}"})
-            print(f"{label:44s} failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+            print(f"{label:52s} failed: {type(error).__name__}: {str(error).splitlines()[0]}")
             continue
         seconds = getattr(built, "peer_ptq_seconds", None) or time.perf_counter() - start
         metrics = evaluate(built)
-        results.append({"label": label, "source": source, "ptq_seconds": seconds, **metrics})
+        results.append({"label": label, "source": source, "ptq_seconds": seconds,
+                        "time_vs_float_pass": seconds / float_seconds, **metrics})
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        print(f"{label:44s} {shown}  PTQ {seconds:6.1f} s", flush=True)
+        print(f"{label:52s} {shown}  PTQ {seconds:6.1f} s ({seconds / float_seconds:.2f}x)",
+              flush=True)
     default = next((r for r in results if r["label"] == default_label), None)
     for result in results:
         if default and "ptq_seconds" in result:

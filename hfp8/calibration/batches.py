@@ -34,16 +34,22 @@ def _length(calibration, num_batches: int | None) -> int | None:
 
 
 class Peeked:
-    """An iterable read once whose first item was already taken: iterating gives it back first.
-    Keeps ``len`` when the source has one (for progress bars)."""
+    """An iterable read once whose first ``count`` items were already taken (and are kept):
+    iterating gives them back first, then the rest, so a one-shot source (a generator, any
+    iterator) is read once; re-iterable sources (lists, DataLoaders, sample folders) are simply
+    iterated anew. Keeps ``len`` when the source has one (for progress bars)."""
 
-    def __init__(self, source: Iterable) -> None:
+    def __init__(self, source: Iterable, count: int = 1) -> None:
         self._source = source
+        self._one_shot = isinstance(source, Iterator)
         self._iterator = iter(source)
-        self.first = next(self._iterator, None)
+        self.head = list(itertools.islice(self._iterator, count))
+        self.first = self.head[0] if self.head else None
 
     def __iter__(self):
-        return itertools.chain([] if self.first is None else [self.first], self._iterator)
+        if not self._one_shot:
+            return iter(self._source)
+        return itertools.chain(self.head, self._iterator)
 
     def __len__(self) -> int:
         return len(self._source)

@@ -25,6 +25,8 @@ Methods:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -33,7 +35,7 @@ from hfp8.calibration.batches import calibration_batches, model_device, to_devic
 from hfp8.model_io import batch_size, call_model
 from hfp8.ptq.config import REPORT_ATTRIBUTE
 
-__all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers"]
+__all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers", "batch_statistics"]
 
 BN_METHODS = ("full", "shift")
 
@@ -77,42 +79,25 @@ class _ChannelMoments:
         return self.m2 / max(self.count - 1, 1)
 
 
-def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[list, int, int]:
-    """One pass; returns per model {bn name: moments}, batches seen and samples seen."""
+@contextlib.contextmanager
+def batch_statistics(models: list[nn.Module]):
+    """Within: every model in eval mode except its BatchNorm layers, which normalize with the
+    statistics of each batch (``momentum=1``: running stats hold the last batch's, as the moment
+    hooks read them). Everything (flags, momentum, running stats, counters) is restored after,
+    also on errors."""
     saved_training = [{m: m.training for m in model.modules()} for model in models]
     saved_state = {}  # bn -> (momentum, running_mean, running_var, num_batches_tracked)
-    handles = []
-    moments = [{} for _ in models]
-    batches = samples = 0
     try:
-        for index, model in enumerate(models):
+        for model in models:
             model.eval()
-            for name, bn in batchnorm_layers(model).items():
+            for bn in batchnorm_layers(model).values():
                 saved_state[bn] = (bn.momentum, bn.running_mean.clone(), bn.running_var.clone(),
                                    None if bn.num_batches_tracked is None
                                    else bn.num_batches_tracked.clone())
                 bn.train()  # normalize with batch statistics; weights stay frozen (no grad)
-                bn.momentum = 1.0  # running stats := this batch's stats, read by the hook
-                moments[index][name] = _ChannelMoments()
-                handles.append(bn.register_forward_hook(moments[index][name]))
-        devices = [model_device(model) for model in models]
-        with torch.no_grad():
-            for batch in calibration_batches(calibration, num_batches, devices[0],
-                                             "BatchNorm re-estimation", quiet):
-                for model, device in zip(models, devices):
-                    try:
-                        call_model(model, to_device(batch, device))
-                    except ValueError as error:
-                        if "more than 1 value per channel" in str(error):
-                            raise ValueError(
-                                "BatchNorm re-estimation needs more than one value per channel in "
-                                "each batch (use batches of 2 or more samples)") from None
-                        raise
-                batches += 1
-                samples += batch_size(batch)
+                bn.momentum = 1.0
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
         with torch.no_grad():
             for bn, (momentum, mean, var, tracked) in saved_state.items():
                 bn.momentum = momentum
@@ -123,6 +108,37 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[
         for training in saved_training:
             for module, value in training.items():
                 module.train(value)
+
+
+def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[list, int, int]:
+    """One pass; returns per model {bn name: moments}, batches seen and samples seen."""
+    handles = []
+    moments = [{} for _ in models]
+    batches = samples = 0
+    try:
+        with batch_statistics(models):
+            for index, model in enumerate(models):
+                for name, bn in batchnorm_layers(model).items():
+                    moments[index][name] = _ChannelMoments()
+                    handles.append(bn.register_forward_hook(moments[index][name]))
+            devices = [model_device(model) for model in models]
+            with torch.no_grad():
+                for batch in calibration_batches(calibration, num_batches, devices[0],
+                                                 "BatchNorm re-estimation", quiet):
+                    for model, device in zip(models, devices):
+                        try:
+                            call_model(model, to_device(batch, device))
+                        except ValueError as error:
+                            if "more than 1 value per channel" in str(error):
+                                raise ValueError(
+                                    "BatchNorm re-estimation needs more than one value per channel "
+                                    "in each batch (use batches of 2 or more samples)") from None
+                            raise
+                    batches += 1
+                    samples += batch_size(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
     return moments, batches, samples
 
 

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 from hfp8.ptq.formats import E4M3, FloatFormat
 
-__all__ = ["QuantConfig", "BIAS_CHOICES", "GRANULARITIES", "BN_MODES", "REPORT_ATTRIBUTE"]
+__all__ = ["QuantConfig", "BIAS_CHOICES", "GRANULARITIES", "BN_MODES", "WEIGHT_ROUNDINGS",
+           "BUDGET_UNITS", "REPORT_ATTRIBUTE"]
 
 # Name of the plain dict attribute that quantize_model puts on the returned model's root module:
 # what was done (config, kept-float layers, observer summaries, BN report); saved as the manifest.
@@ -15,6 +16,8 @@ REPORT_ATTRIBUTE = "hfp8_report"
 BIAS_CHOICES = ("mse", "max", "fixed")  # "fixed": keep the format's own exponent bias
 GRANULARITIES = ("per_tensor", "per_channel")
 BN_MODES = ("shift", "full", "none")
+WEIGHT_ROUNDINGS = ("compensated", "nearest")
+BUDGET_UNITS = ("weights", "macs")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,17 @@ class QuantConfig:
             on the calibration data, to the model's own statistics; robust with few samples),
             ``"full"`` (replace statistics by those of the calibration data, as in the paper) or
             ``"none"``.
+        weight_rounding: ``"compensated"`` (default: error-compensating rounding onto the same
+            FP8 grid under each layer's input second moments, see
+            :mod:`hfp8.ptq.weight_rounding`) or ``"nearest"`` (each weight on its own).
+        float_budget: keep the layers whose quantization harms the output most in float, most
+            harmful per unit of cost first, while their cost stays within this fraction of
+            all quantized layers' cost (0 turns it off); see :mod:`hfp8.ptq.sensitivity`.
+        budget_unit: ``"weights"`` (default) or ``"macs"`` (multiply-accumulates per sample).
+        target_sqnr_db: with a budget, stop keeping layers float once the predicted output SQNR
+            reaches this (``None``: spend the budget).
+        analysis_batches: calibration batches (the first ones) used for the input second
+            moments and the sensitivity estimate.
     """
 
     weight_format: FloatFormat | None = E4M3
@@ -59,6 +73,11 @@ class QuantConfig:
     include: tuple[str, ...] = field(default_factory=tuple)
     num_calibration_batches: int | None = None
     bn_recalibration: str = "shift"
+    weight_rounding: str = "compensated"
+    float_budget: float = 0.01
+    budget_unit: str = "weights"
+    target_sqnr_db: float | None = None
+    analysis_batches: int = 2
 
     def __post_init__(self) -> None:
         for name in ("weight_format", "activation_format"):
@@ -69,6 +88,18 @@ class QuantConfig:
         _check_choice("weight_bias_method", self.weight_bias_method, BIAS_CHOICES)
         _check_choice("activation_bias_method", self.activation_bias_method, BIAS_CHOICES)
         _check_choice("bn_recalibration", self.bn_recalibration, BN_MODES)
+        _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        _check_choice("budget_unit", self.budget_unit, BUDGET_UNITS)
+        if isinstance(self.float_budget, bool) or not isinstance(self.float_budget, (int, float)) \
+                or not 0 <= self.float_budget <= 1:
+            raise ValueError(f"float_budget must be a fraction in [0, 1], got {self.float_budget!r}")
+        object.__setattr__(self, "float_budget", float(self.float_budget))
+        if self.target_sqnr_db is not None and (isinstance(self.target_sqnr_db, bool) or not
+                                                isinstance(self.target_sqnr_db, (int, float))):
+            raise TypeError(f"target_sqnr_db must be a number or None, got {self.target_sqnr_db!r}")
+        if isinstance(self.analysis_batches, bool) or not isinstance(self.analysis_batches, int) \
+                or self.analysis_batches < 1:
+            raise ValueError(f"analysis_batches must be a positive int, got {self.analysis_batches!r}")
         for name in ("exclude", "include"):
             patterns = getattr(self, name)
             if isinstance(patterns, str):

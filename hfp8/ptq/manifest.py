@@ -71,7 +71,9 @@ def manifest(qmodel: nn.Module) -> dict:
     fraction and SQNR of the rounding), ``input_format``/``input_exponent_bias`` and
     ``observer`` (saturated and flushed fractions, SQNR, max |x| of the calibration inputs); and
     ``attention``: one entry per attention site (``kind`` matmul or sdpa, ``format``, and per
-    operand its ``exponent_bias`` and ``observer``).
+    operand its ``exponent_bias`` and ``observer``); ``sensitivity``: per layer considered by
+    the float budget, ``nsr`` and ``sqnr_db`` (predicted output noise-to-signal ratio and SQNR
+    with only this layer quantized), ``cost`` (weights or MACs) and ``float`` (kept float).
     """
     from hfp8 import __version__
 
@@ -88,6 +90,8 @@ def manifest(qmodel: nn.Module) -> dict:
         "metadata": report.get("metadata"),
         "layers": _layer_entries(qmodel, report),
         "attention": _site_entries(qmodel, report),
+        "sensitivity": [{"name": name, **entry} for name, entry
+                        in (report.get("sensitivity") or {}).items()],
     }
 
 
@@ -105,35 +109,40 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.3g}%"
 
 
+def _db(value) -> str:
+    return "-" if value is None else "inf" if value == float("inf") else f"{value:.1f}"
+
+
 def _rows(data: dict) -> list[tuple]:
     rows = []
+    predicted = {entry["name"]: entry.get("sqnr_db") for entry in data.get("sensitivity") or []}
     for layer in data["layers"]:
         if layer["status"] == "float":
             rows.append((layer["name"], layer["type"], "float", "float", "-", "-", "-", "-",
-                         layer["reason"]))
+                         _db(predicted.get(layer["name"])), layer["reason"]))
             continue
         observer = layer.get("observer") or {}
-        sqnr = observer.get("sqnr_db")
         rows.append((
             layer["name"], layer["type"],
             _format_name(layer["weight_format"], layer["weight_exponent_bias"]),
             _format_name(layer["input_format"], layer["input_exponent_bias"]),
             _percent((layer.get("weight") or {}).get("flushed_fraction")),
             _percent(observer.get("saturated_fraction")), _percent(observer.get("flushed_fraction")),
-            "-" if sqnr is None else f"{sqnr:.1f}", observer.get("warning", ""),
+            _db(observer.get("sqnr_db")), _db(predicted.get(layer["name"])),
+            observer.get("warning", ""),
         ))
     for site in data.get("attention") or []:
         if site["status"] == "float":
-            rows.append((site["name"], site["kind"], "-", "float", "-", "-", "-", "-", site["reason"]))
+            rows.append((site["name"], site["kind"], "-", "float", "-", "-", "-", "-", "-",
+                         site["reason"]))
             continue
         for operand, entry in site["operands"].items():
             observer = entry.get("observer") or {}
-            sqnr = observer.get("sqnr_db")
             rows.append((f"{site['name']}.{operand}", f"{site['kind']} operand", "-",
                          _format_name(site["format"], entry["exponent_bias"]), "-",
                          _percent(observer.get("saturated_fraction")),
                          _percent(observer.get("flushed_fraction")),
-                         "-" if sqnr is None else f"{sqnr:.1f}", observer.get("warning", "")))
+                         _db(observer.get("sqnr_db")), "-", observer.get("warning", "")))
     return rows
 
 
@@ -151,7 +160,7 @@ def format_manifest(data: dict) -> str:
                      f"from {bn['samples']} samples"
                      + (f"; never reached: {', '.join(bn['not_reached'])}" if bn["not_reached"] else ""))
     header = ("layer", "type", "weight", "input", "w flushed", "saturated", "flushed", "SQNR dB",
-              "note")
+              "pred. dB", "note")
     rows = _rows(data)
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):

@@ -40,7 +40,7 @@ from hfp8.ptq.formats import FloatFormat
 from hfp8.ptq.ops import scale_for_bias
 
 __all__ = ["QUANTIZABLE_TYPES", "LayerQuantization", "OperandSite", "quantize_point",
-           "attach_layer", "attach_sites", "quantized_layers", "operand_sites",
+           "attach_layer", "detach_layer", "attach_sites", "quantized_layers", "operand_sites",
            "is_quantizable", "MATMUL_FUNCTIONS", "SDPA_FUNCTIONS", "SDPA_OPERANDS",
            "MATMUL_OPERANDS"]
 
@@ -132,6 +132,19 @@ def attach_layer(module: nn.Module, name: str, weight_format: FloatFormat | None
     setattr(module, LAYER_ATTRIBUTE, state)
     module.register_forward_pre_hook(_quantize_layer_input, with_kwargs=True)
     return state
+
+
+def detach_layer(module: nn.Module, float_weight: torch.Tensor) -> None:
+    """Undo :func:`attach_layer`: the float weight back, buffers, hook and state removed."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _quantize_layer_input:  # ours, found by identity (handles do not survive copies)
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+    for name in ("weight_exponent_bias", "input_exponent_bias"):
+        del module._buffers[name]
+    delattr(module, LAYER_ATTRIBUTE)
+    with torch.no_grad():
+        module.weight.copy_(float_weight)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

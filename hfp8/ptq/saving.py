@@ -117,6 +117,10 @@ def check_manifest(data, path="manifest") -> dict:
         if site["status"] == "quantized":
             _require(site.get("format") is not None, path, f"site {site['name']!r} format")
             _format(site["format"], path, f"site {site['name']!r}")
+    sensitivity = data.get("sensitivity") or []
+    _require(isinstance(sensitivity, list) and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) for e in sensitivity), path,
+        "'sensitivity' is not a list of named entries")
     metadata = data.get("metadata")
     _require(metadata is None or isinstance(metadata, dict), path, "'metadata' is not an object")
     return data
@@ -204,6 +208,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         "observers": observers,
         "weights": {layer["name"]: layer.get("weight") for layer in data["layers"]
                     if layer["status"] == "quantized"},
+        "sensitivity": {entry["name"]: {k: v for k, v in entry.items() if k != "name"}
+                        for entry in data.get("sensitivity") or []},
         "batchnorm": data.get("batchnorm"),
         "calibration_samples": data.get("calibration_samples"),
         "graph": data.get("graph"),

@@ -6,51 +6,55 @@ The data flow, in this order, and why:
    flow (first and last layers by graph position) and which attention products exist
    (:mod:`hfp8.ptq.graph_probe`). Layers are then quantized in place
    (:mod:`hfp8.ptq.quantizers`): the model keeps its classes and forward code.
-1. **Weights** (no data needed): each Conv/Linear weight is rounded with its own exponent bias,
-   chosen from the weight itself (per tensor or per output channel).
-2. **BatchNorm statistics and input ranges, in one pass** over the calibration data, with the
-   quantized weights. Weight rounding shifts each channel's output deterministically; BN
-   re-estimation corrects that shift, so it must see the quantized weights. During the pass
-   every BN layer normalizes with batch statistics (the statistics re-estimation averages), so
-   the streaming observers on each quantization point already see activations normalized the
-   way the re-estimated model normalizes them, not the way the stale statistics would (a
-   channel whose running variance was near zero can blow up by orders of magnitude until
-   re-estimated). Inputs are not rounded during the pass: their biases do not exist yet, and
-   rounding adds nearly zero-mean noise of about 2^-4 of each value, which barely moves BN
-   statistics.
-3. **Input (activation) biases**, chosen from the observers; BN statistics written.
+1. **Weights, round to nearest** (no data needed): each Conv/Linear weight with its own
+   exponent bias, chosen from the weight itself (per tensor or per output channel).
+2. **Analysis pass** over the first ``analysis_batches`` batches (:mod:`hfp8.ptq.calibrate`):
+   each layer's input second moments and provisional input ranges.
+3. **Refinement** (:mod:`hfp8.ptq.refinement`): weights re-rounded onto the same grid with error
+   compensation under those moments; then every layer's effect on the output estimated (one
+   forward and one backward pass) and the most harmful ones kept float within the budget.
+4. **BatchNorm statistics and input ranges, in one pass** over all the calibration data, with
+   the final weights and the final set of quantized layers. Weight rounding shifts each
+   channel's output deterministically; BN re-estimation corrects that shift, so it must see the
+   final weights. During the pass every BN layer normalizes with batch statistics (the
+   statistics re-estimation averages), so the streaming observers on each quantization point
+   see activations normalized the way the re-estimated model normalizes them, not the way the
+   stale statistics would (a channel whose running variance was near zero can blow up by orders
+   of magnitude until re-estimated). Inputs are not rounded during the pass: their biases do not
+   exist yet, and rounding adds nearly zero-mean noise of about 2^-4 of each value, which barely
+   moves BN statistics.
+5. **Input (activation) biases**, chosen from the observers; BN statistics written.
 
-One pass instead of two (statistics first, then ranges under the final statistics): measured on
-ImageNet MobileNetV2 with 128 calibration crops, the two-pass order gave the same fidelity
-(top-1 agreement 0.852 vs 0.844, KL 0.091 vs 0.093 on 256 evaluation crops) at about 1.5x the
-time. Without BN re-estimation (or BatchNorm) the pass runs the model in eval mode.
+One main pass instead of two (statistics first, then ranges under the final statistics):
+measured on ImageNet MobileNetV2 with 128 calibration crops, the two-pass order gave the same
+fidelity (top-1 agreement 0.852 vs 0.844, KL 0.091 vs 0.093 on 256 evaluation crops) at about
+1.5x the time. Without BN re-estimation (or BatchNorm) the pass runs the model in eval mode.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import warnings
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from hfp8.calibration.batches import Peeked, calibration_batches, model_device
-from hfp8.calibration.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from hfp8.calibration.batches import Peeked
+from hfp8.calibration.batchnorm import batchnorm_layers
 from hfp8.calibration.bias_selection import select_exponent_bias
-from hfp8.calibration.observers import HistogramObserver
-from hfp8.model_io import batch_size, call_model, describe, describe_batch, split_batch
+from hfp8.model_io import describe, describe_batch, split_batch
+from hfp8.ptq.calibrate import analysis_pass, calibration_pass, choose_input_biases
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
 from hfp8.ptq.graph_probe import ProbeResult, probe_model
+from hfp8.ptq.plan import plan_quantization
+from hfp8.ptq.refinement import compensate_weights, keep_sensitive_layers_float
 from hfp8.ptq.quantizers import (
     OperandSite,
     attach_layer,
     attach_sites,
     is_quantizable,
-    layer_state,
     operand_sites,
     quantized_layers,
 )
@@ -58,62 +62,12 @@ from hfp8.ptq.quantizers import (
 __all__ = ["quantize_model", "plan_quantization", "quantized_layers", "quantize_weight",
            "REPORT_ATTRIBUTE"]
 
-FIRST_REASON = "first layer: reads the model input (kept in full precision by default)"
-LAST_REASON = "last layer: writes a model output (kept in full precision by default)"
-
-
 def quantize_weight(weight: torch.Tensor, fmt, exponent_bias) -> torch.Tensor:
     """``fq(weight)`` with one bias (int or 0-d tensor) or one per output channel (1-D tensor)."""
     bias = torch.as_tensor(exponent_bias)
     if bias.dim() == 1:
         return fake_quantize_per_channel(weight, fmt, bias, axis=0)
     return fake_quantize(weight, fmt.with_bias(int(bias)))
-
-
-def _weight_problem(layer: nn.Module) -> str | None:
-    if parametrize.is_parametrized(layer, "weight") or not isinstance(
-            layer._parameters.get("weight"), nn.Parameter):
-        return "its weight is computed in forward (a parametrization or hook), not a Parameter"
-    return None
-
-
-def plan_quantization(model: nn.Module, config: QuantConfig,
-                      probe: ProbeResult) -> tuple[dict, dict]:
-    """``(layers, sites)``: for each Conv/Linear name and each attention-site name, ``None``
-    (quantize) or the reason it stays float."""
-    layers = {name: _weight_problem(m) for name, m in model.named_modules() if is_quantizable(m)}
-    sites = {}
-    for owner, locals_ in probe.sites.items():
-        for local in locals_:
-            name = f"{owner}.{local}" if owner else local
-            sites[name] = None if config.quantize_attention and config.activation_format \
-                else "attention products not quantized (quantize_attention=False or no " \
-                     "activation format)"
-    names = [*layers, *sites]
-    for pattern in (*config.exclude, *config.include):
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            example = f" (names look like {names[0]!r})" if names else ""
-            raise ValueError(f"layer pattern {pattern!r} matches no quantizable layer or "
-                             f"attention site{example}")
-    first, last = probe.first, probe.last
-    for plan in (layers, sites):
-        for name, reason in plan.items():
-            excluded = [p for p in config.exclude if fnmatch.fnmatchcase(name, p)]
-            included = [p for p in config.include if fnmatch.fnmatchcase(name, p)]
-            if excluded and included:
-                raise ValueError(f"{name!r} matches both exclude {excluded[0]!r} and include "
-                                 f"{included[0]!r}")
-            if reason is not None and plan is layers:
-                continue  # cannot be quantized at all
-            if excluded:
-                plan[name] = f"matches exclude pattern {excluded[0]!r}"
-            elif included:
-                plan[name] = None
-            elif plan is layers and config.keep_first_and_last and name in first:
-                plan[name] = FIRST_REASON
-            elif plan is layers and config.keep_first_and_last and name in last:
-                plan[name] = LAST_REASON
-    return layers, sites
 
 
 def _weight_bias(weight: torch.Tensor, config: QuantConfig):
@@ -168,85 +122,16 @@ def _attach_sites(qmodel: nn.Module, site_plan: dict, probe: ProbeResult, config
             attach_sites(qmodel.get_submodule(owner), chosen)
 
 
-def _points(qmodel: nn.Module) -> dict[str, tuple]:
-    """Every input quantization point: name -> (format, bias buffer owner, buffer name, setter
-    of the observer slot)."""
-    points = {}
-    for name, layer in quantized_layers(qmodel).items():
-        state = layer_state(layer)
-        if state.input_format is not None:
-            points[name] = (state.input_format, layer, "input_exponent_bias",
-                            lambda observer, state=state: setattr(state, "observer", observer))
-    for site_name, (owner, site) in operand_sites(qmodel).items():
-        for operand in site.operands:
-            points[f"{site_name}.{operand}"] = (
-                site.fmt, owner, site.bias_buffer(operand),
-                lambda observer, site=site, operand=operand: site.observers.__setitem__(operand, observer)
-                if observer is not None else site.observers.pop(operand, None))
-    return points
-
-
-def _calibration_pass(qmodel, model, points, calibration, config, quiet, has_bn):
-    """The one pass: BN statistics (if asked) and observers. Returns the observers, the BN
-    report and the number of samples seen."""
-    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(points)}
-    bn_report, samples = None, 0
-    try:
-        for name, observer in observers.items():
-            points[name][3](observer)  # values pass through unrounded and are observed
-        if has_bn:
-            bn_report = recalibrate_batchnorm(
-                qmodel, calibration, config.num_calibration_batches,
-                method=config.bn_recalibration, quiet=quiet,
-                # a private copy: even temporary flag changes never touch the caller's model
-                reference=copy.deepcopy(model) if config.bn_recalibration == "shift" else None)
-            samples = bn_report["samples"]
-        elif observers:
-            device = model_device(qmodel)
-            with torch.no_grad():
-                for batch in calibration_batches(calibration, config.num_calibration_batches,
-                                                 device, "Calibrating input biases", quiet):
-                    call_model(qmodel, batch)
-                    samples += batch_size(batch)
-    finally:
-        for point in points.values():
-            point[3](None)
-    return observers, bn_report, samples
-
-
-def _choose_input_biases(points, observers, config) -> dict[str, dict]:
-    """Sets each point's bias from its observer; returns the observer summaries."""
-    summaries = {}
-    for name, observer in observers.items():
-        if observer.num_non_finite:
-            raise ValueError(f"the input of {name!r} held {observer.num_non_finite} NaN or Inf "
-                             f"values during calibration (of {observer.num_values}); a model is "
-                             "not made from that (check the samples and the model's weights)")
-    for name, observer in observers.items():
-        fmt, owner, buffer, _ = points[name]
-        if observer.num_calls == 0:
-            warnings.warn(f"{name!r} never ran during calibration; its input keeps the "
-                          f"format's own bias {fmt.exponent_bias}", stacklevel=3)
-            summaries[name] = {"warning": "never ran during calibration"}
-            continue
-        if config.activation_bias_method == "fixed":
-            bias = fmt.exponent_bias
-        else:
-            bias = observer.exponent_bias(fmt, config.activation_bias_method)
-        getattr(owner, buffer).fill_(bias)
-        summaries[name] = observer.summary(fmt.with_bias(bias))
-    return summaries
-
-
 def quantize_model(model: nn.Module, calibration, config: QuantConfig = QuantConfig(), *,
                    quiet: bool = False) -> nn.Module:
     """Quantize a copy of ``model`` to HFP8; ``model`` itself is never modified.
 
     ``calibration``: an iterable of batches (tensors, tuples, mappings; see
     :mod:`hfp8.model_io`): a list, a DataLoader, an :class:`hfp8.calibration.SampleFolder`, a
-    generator. It is read once; labels are never used. Returns the quantized copy in eval mode;
-    it keeps the model's classes and forward code, and its forward pass is what deployment
-    computes. ``quiet`` hides the progress bars. See the module docstring for the steps.
+    generator. It is read once (its first ``config.analysis_batches`` batches are kept in memory
+    for the analysis); labels are never used. Returns the quantized copy in eval mode; it keeps
+    the model's classes and forward code, and its forward pass is what deployment computes.
+    ``quiet`` hides the progress bars. See the module docstring for the steps.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -258,7 +143,7 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig = QuantCon
         if not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()):
             raise ValueError(f"BatchNorm {name!r} has NaN or Inf running statistics; refusing to "
                              "quantize a broken model")
-    batches = Peeked(calibration)
+    batches = Peeked(calibration, config.analysis_batches)
     if batches.first is None:
         raise ValueError("the calibration data holds no batch")
     qmodel = copy.deepcopy(model).eval()
@@ -276,24 +161,44 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig = QuantCon
     layer_plan, site_plan = plan_quantization(qmodel, config, probe)
     weight_summaries = _quantize_weights(qmodel, layer_plan, config)
     _attach_sites(qmodel, site_plan, probe, config)
-    has_bn = bool(batchnorm_layers(model)) and config.bn_recalibration != "none"
-    points = _points(qmodel) if config.activation_format is not None else {}
-    observers, bn_report, samples = _calibration_pass(qmodel, model, points, batches, config,
-                                                      quiet, has_bn)
-    summaries = _choose_input_biases(points, observers, config)
+    sensitivity = _refine(qmodel, model, batches, config, quiet)
+    observers, bn_report, samples = calibration_pass(qmodel, model, batches, config, quiet)
+    summaries = choose_input_biases(qmodel, observers, config)
     kept = {name: reason for name, reason in layer_plan.items() if reason is not None}
+    for name, entry in sensitivity.items():
+        if entry["float"]:
+            kept[name] = (f"sensitive: predicted output SQNR {entry['sqnr_db']:.1f} dB with only "
+                          f"this layer quantized (kept float within float_budget "
+                          f"{config.float_budget:g} of {config.budget_unit})")
+            weight_summaries.pop(name, None)
     setattr(qmodel, REPORT_ATTRIBUTE, {
         "config": config.to_dict(),
         "kept_float": kept,
         "sites_kept_float": {n: r for n, r in site_plan.items() if r is not None},
         "observers": summaries,
         "weights": weight_summaries,
+        "sensitivity": sensitivity,
         "batchnorm": bn_report,
         "calibration_samples": samples,
         "graph": {"first": sorted(probe.first), "last": sorted(probe.last),
                   "not_run": sorted(set(layer_plan) - set(probe.executed))},
     })
-    if len(kept) == len(layer_plan) and not any(r is None for r in site_plan.values()):
+    if not quantized_layers(qmodel) and not operand_sites(qmodel):
         warnings.warn("no layer was quantized: " + "; ".join(
             f"{name}: {reason}" for name, reason in list(kept.items())[:3]), stacklevel=2)
     return qmodel.eval()
+
+
+def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool) -> dict:
+    """Analysis pass, compensated weight rounding, sensitive layers back to float."""
+    compensate = config.weight_rounding == "compensated" and config.weight_format is not None
+    select = config.float_budget > 0 or config.target_sqnr_db is not None
+    if not quantized_layers(qmodel) or not (compensate or select):
+        return {}
+    observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, compensate, quiet)
+    if compensate:
+        compensate_weights(qmodel, model, moments)
+    if not select:
+        return {}
+    choose_input_biases(qmodel, observers, config, warn=False)  # provisional, for the estimate
+    return keep_sensitive_layers_float(qmodel, model, batches, config, batches.first, quiet)

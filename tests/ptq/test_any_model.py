@@ -57,7 +57,8 @@ def test_conv_subclass_with_its_own_same_padding_forward(tmp_path):
     # Its output is the subclass's forward on the rounded input and weight, computed here
     # through torch's float8 cast, not through our code.
     x = torch.randn(2, 8, 7, 7)
-    weight = _e4m3_at(model.depthwise.weight.detach(), int(layer.weight_exponent_bias))
+    weight = layer.weight.detach()
+    assert torch.equal(_e4m3_at(weight, int(layer.weight_exponent_bias)), weight)  # on the grid
     expected = SamePadConv2d_forward(layer, _e4m3_at(x, int(layer.input_exponent_bias)), weight)
     assert torch.equal(layer(x), expected)
     types = [n.op_type for n in graph.graph.node]

@@ -71,7 +71,8 @@ def test_each_layer_type_computes_conv_of_quantized_input_and_weight(layer, shap
     torch.manual_seed(0)
     model = nn.Sequential(layer)
     batches = [torch.randn(*shape) * 3 for _ in range(2)]
-    config = hfp8.QuantConfig(keep_first_and_last=False, weight_granularity=granularity)
+    config = hfp8.QuantConfig(keep_first_and_last=False, weight_granularity=granularity,
+                              weight_rounding="nearest", float_budget=0.0)
     qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
     quantized = qmodel[0]
     assert type(quantized) is type(layer) and "0" in quantized_layers(qmodel)
@@ -134,10 +135,10 @@ def test_subclasses_with_their_own_forward_are_quantized_and_keep_their_forward(
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), Scaled(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
-    qmodel = hfp8.quantize_model(model, [torch.randn(3, 4)], quiet=True)
+    config = hfp8.QuantConfig(weight_rounding="nearest", float_budget=0.0)
+    qmodel = hfp8.quantize_model(model, [torch.randn(3, 4)], config, quiet=True)
     assert type(qmodel[1]) is Scaled and list(quantized_layers(qmodel)) == ["1", "2"]
     x = torch.randn(5, 4)
-    config = hfp8.QuantConfig()
     expected = 2 * _reference_layer_output(qmodel[1], model[1].weight.detach(), x, config)
     assert torch.equal(qmodel[1](x), expected)
 
@@ -159,7 +160,7 @@ def test_e5m2_and_fixed_bias():
     model = trained("cnn")
     config = hfp8.QuantConfig(weight_format=hfp8.E5M2, activation_format=hfp8.E5M2,
                               weight_bias_method="fixed", activation_bias_method="fixed",
-                              weight_granularity="per_tensor")
+                              weight_granularity="per_tensor", weight_rounding="nearest")
     qmodel = hfp8.quantize_model(model, calibration_batches(2), config, quiet=True)
     layer = qmodel.get_submodule("1.0")
     assert int(layer.weight_exponent_bias) == 15 and int(layer.input_exponent_bias) == 15

@@ -1,0 +1,86 @@
+"""Second moments of a layer's input, ``H = E[x x^T]``, per group of a (grouped) convolution.
+
+``x`` is one row of what the layer multiplies by its weight: for Linear the input's last
+dimension (``in_features``); for Conv1d/2d the unfolded patch of one group (``C_in/groups x
+kernel`` values at one output position). ``H`` (float64, shape ``(groups, d, d)``) is what
+error-compensating weight rounding needs: the expected squared output error of a weight error
+``e`` is ``e^T H e`` per output.
+
+Streaming and bounded: each call adds at most ``max_rows`` rows per group (a seeded random
+choice of positions), so memory is ``groups x d x d`` whatever the calibration size.
+Convolutions are unfolded with the layer's own stride, padding and dilation from the input the
+layer receives; a subclass that pads inside its forward (TF "same" padding) is seen without that
+padding, which leaves out the border patches only. Conv3d is not supported (``supports`` says so).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["InputMoments", "supports"]
+
+
+def supports(layer: nn.Module) -> bool:
+    return isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and \
+        getattr(layer, "padding_mode", "zeros") == "zeros" and \
+        not isinstance(getattr(layer, "padding", 0), str)
+
+
+def _pick(count: int, limit: int, generator: torch.Generator) -> torch.Tensor | None:
+    return None if count <= limit else torch.randperm(count, generator=generator)[:limit]
+
+
+def _rows(layer: nn.Module, x: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """``(groups, rows, d)``: at most ``limit`` input rows of one call, chosen at random. For a
+    convolution only the chosen patches are gathered (from a strided view), never the whole
+    unfolded input."""
+    if isinstance(layer, nn.Linear):
+        flat = x.reshape(-1, x.shape[-1])
+        pick = _pick(flat.shape[0], limit, generator)
+        return (flat if pick is None else flat[pick.to(flat.device)]).unsqueeze(0)
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride = (1, layer.kernel_size[0]), (1, layer.stride[0])
+        padding, dilation = (0, layer.padding[0]), (1, layer.dilation[0])
+    else:
+        kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    spans = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
+    windows = padded.unfold(2, spans[0], stride[0]).unfold(3, spans[1], stride[1])
+    windows = windows[..., ::dilation[0], ::dilation[1]]  # (N, C, out_h, out_w, kh, kw), a view
+    n, channels, out_h, out_w = windows.shape[:4]
+    pick = _pick(n * out_h * out_w, limit, generator)
+    if pick is None:
+        pick = torch.arange(n * out_h * out_w)
+    pick = pick.to(x.device)
+    sample, rest = pick // (out_h * out_w), pick % (out_h * out_w)
+    patches = windows[sample, :, rest // out_w, rest % out_w]  # (rows, C, kh, kw)
+    groups = layer.groups
+    return patches.reshape(len(pick), groups, -1).transpose(0, 1)
+
+
+class InputMoments:
+    """Forward pre-hook state: ``observe(x)`` adds rows, ``hessian()`` returns ``E[x x^T]``."""
+
+    def __init__(self, layer: nn.Module, max_rows: int = 4096, seed: int = 0) -> None:
+        if not supports(layer):
+            raise ValueError(f"{type(layer).__name__} input moments are not supported")
+        self.layer = layer
+        self.max_rows = max_rows
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        rows = _rows(self.layer, x.detach().float(), self.max_rows, self.generator)
+        rows = rows[:, torch.isfinite(rows).all(dim=2).all(dim=0)]  # non-finite rows are refused elsewhere
+        moment = torch.bmm(rows.transpose(1, 2), rows).double().cpu()
+        self.sum = moment if self.sum is None else self.sum + moment
+        self.count += rows.shape[1]
+
+    def hessian(self) -> torch.Tensor | None:
+        """``(groups, d, d)`` float64, or None if nothing was observed."""
+        return None if self.sum is None or self.count == 0 else self.sum / self.count

@@ -1,0 +1,144 @@
+"""The calibration side of quantize_model: quantization points, passes that observe them, and
+the input biases chosen from what was observed.
+
+A *point* is one place where values get rounded: a quantized layer's input, or one operand of
+an attention product. During a pass every point's values flow through unrounded and are shown
+to an observer (and, in the analysis pass, to the layer's input-moment accumulator), while
+BatchNorm layers normalize with batch statistics: activations as the re-estimated model will
+see them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from hfp8.calibration.batches import calibration_batches, model_device
+from hfp8.calibration.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
+from hfp8.calibration.input_moments import InputMoments, supports
+from hfp8.calibration.observers import HistogramObserver
+from hfp8.model_io import batch_size, call_model
+from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
+
+__all__ = ["points", "analysis_pass", "calibration_pass", "choose_input_biases"]
+
+
+def points(qmodel: nn.Module) -> dict[str, tuple]:
+    """Every input quantization point: name -> (format, bias buffer owner, buffer name, setter
+    of the observer slot)."""
+    found = {}
+    for name, layer in quantized_layers(qmodel).items():
+        state = layer_state(layer)
+        if state.input_format is not None:
+            found[name] = (state.input_format, layer, "input_exponent_bias",
+                           lambda observer, state=state: setattr(state, "observer", observer))
+    for site_name, (owner, site) in operand_sites(qmodel).items():
+        for operand in site.operands:
+            found[f"{site_name}.{operand}"] = (
+                site.fmt, owner, site.bias_buffer(operand),
+                lambda observer, site=site, operand=operand: site.observers.__setitem__(operand, observer)
+                if observer is not None else site.observers.pop(operand, None))
+    return found
+
+
+class _Seeing:
+    """Shows each value to an observer and, for a layer, to its input-moment accumulator."""
+
+    def __init__(self, observer, moments=None) -> None:
+        self.observer, self.moments = observer, moments
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.observer is not None:
+            self.observer.observe(x)
+        if self.moments is not None:
+            self.moments.observe(x)
+
+
+def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bool,
+                  quiet: bool) -> tuple[dict, dict]:
+    """A short pass over the first ``num_batches`` batches: provisional observers for every
+    point, and (``with_moments``) the input second moments of every quantized Conv1d/2d and
+    Linear layer. Nothing in the model changes."""
+    found = points(qmodel)
+    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
+    moments = {name: InputMoments(layer, seed=index) for index, (name, layer)
+               in enumerate(quantized_layers(qmodel).items()) if with_moments and supports(layer)}
+    states = {name: layer_state(layer) for name, layer in quantized_layers(qmodel).items()}
+    try:
+        for name, state in states.items():
+            state.observer = _Seeing(observers.get(name), moments.get(name))
+        for name, point in found.items():
+            if name not in states:
+                point[3](observers[name])
+        device = model_device(qmodel)
+        with batch_statistics([qmodel]), torch.no_grad():
+            for batch in calibration_batches(batches, num_batches, device,
+                                             "Second moments and sensitivity data", quiet):
+                call_model(qmodel, batch)
+    finally:
+        for state in states.values():
+            state.observer = None
+        for point in found.values():
+            point[3](None)
+    return observers, moments
+
+
+def calibration_pass(qmodel, model, calibration, config, quiet):
+    """The main pass: BN statistics (if asked) and observers. Returns the observers, the BN
+    report and the number of samples seen."""
+    found = points(qmodel) if config.activation_format is not None else {}
+    has_bn = bool(batchnorm_layers(model)) and config.bn_recalibration != "none"
+    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
+    bn_report, samples = None, 0
+    try:
+        for name, observer in observers.items():
+            found[name][3](observer)  # values pass through unrounded and are observed
+        if has_bn:
+            bn_report = recalibrate_batchnorm(
+                qmodel, calibration, config.num_calibration_batches,
+                method=config.bn_recalibration, quiet=quiet,
+                # a private copy: even temporary flag changes never touch the caller's model
+                reference=copy.deepcopy(model) if config.bn_recalibration == "shift" else None)
+            samples = bn_report["samples"]
+        elif observers:
+            device = model_device(qmodel)
+            with torch.no_grad():
+                for batch in calibration_batches(calibration, config.num_calibration_batches,
+                                                 device, "Calibrating input biases", quiet):
+                    call_model(qmodel, batch)
+                    samples += batch_size(batch)
+    finally:
+        for point in found.values():
+            point[3](None)
+    return observers, bn_report, samples
+
+
+def choose_input_biases(qmodel, observers, config, warn: bool = True) -> dict[str, dict]:
+    """Sets each point's bias from its observer; returns the observer summaries."""
+    found = points(qmodel)
+    for name, observer in observers.items():
+        if observer.num_non_finite:
+            raise ValueError(f"the input of {name!r} held {observer.num_non_finite} NaN or Inf "
+                             f"values during calibration (of {observer.num_values}); a model is "
+                             "not made from that (check the samples and the model's weights)")
+    summaries = {}
+    for name, observer in observers.items():
+        if name not in found:
+            continue
+        fmt, owner, buffer, _ = found[name]
+        if observer.num_calls == 0:
+            if warn:
+                warnings.warn(f"{name!r} never ran during calibration; its input keeps the "
+                              f"format's own bias {fmt.exponent_bias}", stacklevel=3)
+            summaries[name] = {"warning": "never ran during calibration"}
+            continue
+        if config.activation_bias_method == "fixed":
+            bias = fmt.exponent_bias
+        else:
+            bias = observer.exponent_bias(fmt, config.activation_bias_method)
+        getattr(owner, buffer).fill_(bias)
+        summaries[name] = observer.summary(fmt.with_bias(bias))
+    return summaries

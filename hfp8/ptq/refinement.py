@@ -1,0 +1,54 @@
+"""Between the analysis pass and the main calibration pass: error-compensating weight rounding,
+then the layers that harm the output most kept in float within the budget.
+
+Both happen before BatchNorm re-estimation and input-bias selection, so that those see the final
+weights and the final set of quantized layers (a layer turned back to float after BN
+re-estimation would leave its BN shift correction behind).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfp8.ptq.config import QuantConfig
+from hfp8.ptq.quantizers import detach_layer, layer_state, quantized_layers
+from hfp8.ptq.sensitivity import choose_float_layers, layer_costs, layer_sensitivity, predicted_sqnr_db
+from hfp8.ptq.weight_rounding import compensated_rounding
+
+__all__ = ["compensate_weights", "keep_sensitive_layers_float"]
+
+
+def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> list[str]:
+    """Re-round each layer with input moments from its float weight (same grid, same bias);
+    returns the names of the layers rounded this way."""
+    done = []
+    for name, accumulated in moments.items():
+        hessian = accumulated.hessian()
+        layer = qmodel.get_submodule(name)
+        fmt = layer_state(layer).weight_format
+        if hessian is None or fmt is None:
+            continue  # never ran on the analysis batches, or weights stay float
+        float_weight = model.get_submodule(name).weight.detach()
+        rounded = compensated_rounding(float_weight, hessian, fmt, layer.weight_exponent_bias)
+        with torch.no_grad():
+            layer.weight.copy_(rounded)
+        done.append(name)
+    return done
+
+
+def keep_sensitive_layers_float(qmodel: nn.Module, model: nn.Module, batches,
+                                config: QuantConfig, first_batch, quiet: bool) -> dict:
+    """Estimates every quantized layer's sensitivity, keeps the chosen ones float (in
+    ``qmodel``), and returns ``{name: {"nsr", "sqnr_db", "cost", "float"}}``."""
+    names = list(quantized_layers(qmodel))
+    if not names:
+        return {}
+    sensitivity = layer_sensitivity(model, qmodel, names, batches, num_batches=1, quiet=quiet)
+    costs = layer_costs(model, names, first_batch, config.budget_unit)
+    chosen = set(choose_float_layers(sensitivity, costs, config.float_budget,
+                                     config.target_sqnr_db))
+    for name in chosen:
+        detach_layer(qmodel.get_submodule(name), model.get_submodule(name).weight.detach())
+    return {name: {"nsr": sensitivity[name], "sqnr_db": predicted_sqnr_db(sensitivity[name]),
+                   "cost": costs[name], "float": name in chosen} for name in names}

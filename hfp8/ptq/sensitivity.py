@@ -1,0 +1,125 @@
+"""Per-layer sensitivity: how much of the model's output error each quantized layer causes, and
+which layers to keep in float within a budget.
+
+**Estimate (first order, one forward and one backward pass).** Quantizing layer ``L`` alone
+adds ``n_L = q_L(x) - f_L(x)`` to its output (``q_L``: the layer with its FP8 weight and input
+rounding, ``f_L``: the float layer, on the float model's own input ``x``); to first order the
+model output moves by ``J_L n_L``. With a random projection ``v ~ N(0, I)`` of the outputs (each
+output leaf scaled by its RMS, so that leaves of different scales count alike),
+``E_v[(v^T J_L n_L)^2] = |J_L n_L|^2``. Injecting ``n_L`` with a per-sample scalar ``e_L = 0``
+and back-propagating ``v^T output`` gives ``v^T J_L n_L`` as the gradient of ``e_L``, for every
+layer at once. The mean over samples of its square, per output element, is the predicted
+noise-to-signal ratio of "only this layer quantized"; ``-10 log10`` of it is the predicted output
+SQNR in dB. ``benchmarks/sensitivity_ranking.py`` measures how well it ranks layers against
+quantizing each layer alone.
+
+**Selection.** :func:`choose_float_layers` keeps the layers with the most predicted error per
+unit of cost (weights or multiply-accumulates) in float, most harmful first, while the total
+cost stays within the budget (a fraction of all quantized layers' cost; never exceeded), or
+until the predicted output SQNR (independent errors add) reaches a target.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from hfp8.calibration.batches import calibration_batches, model_device
+from hfp8.model_io import call_model, output_leaves
+
+__all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db"]
+
+
+def layer_costs(model: nn.Module, names: list[str], batch, unit: str) -> dict[str, float]:
+    """Cost of each layer: its weight count, or its multiply-accumulates on one sample."""
+    if unit == "weights":
+        return {name: float(model.get_submodule(name).weight.numel()) for name in names}
+    macs = {}
+
+    def count(name):
+        def hook(module, args, output):
+            per_output = module.weight[0].numel()  # in/groups x kernel products per output value
+            macs[name] = macs.get(name, 0.0) + per_output * output[0].numel()
+        return hook
+    handles = [model.get_submodule(n).register_forward_hook(count(n)) for n in names]
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: macs.get(name, 0.0) for name in names}
+
+
+def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], batches,
+                      num_batches: int = 1, seed: int = 0, quiet: bool = True) -> dict[str, float]:
+    """Predicted noise-to-signal ratio of the outputs when only layer ``name`` of ``qmodel`` is
+    quantized (see the module docstring), for each name. ``model``: the float model."""
+    reference = copy.deepcopy(model).eval()
+    quantized = {name: qmodel.get_submodule(name) for name in names}
+    generator = torch.Generator().manual_seed(seed)
+    totals = {name: 0.0 for name in names}
+    elements = samples = 0
+    device = model_device(reference)
+    for batch in calibration_batches(batches, num_batches, device, "Layer sensitivity", quiet):
+        scales = {}
+
+        def inject(name):
+            def hook(module, args, output):
+                with torch.no_grad():
+                    noise = quantized[name](*args) - output
+                scale = torch.zeros(output.shape[0], device=output.device, requires_grad=True)
+                scales[name] = scale
+                return output + scale.view(-1, *([1] * (output.dim() - 1))) * noise
+            return hook
+        handles = [reference.get_submodule(n).register_forward_hook(inject(n)) for n in names]
+        try:
+            with torch.enable_grad():
+                leaves = [t for _, t in output_leaves(call_model(reference, batch))
+                          if t.is_floating_point() and t.requires_grad]
+        finally:
+            for handle in handles:
+                handle.remove()
+        projection = 0.0
+        for leaf in leaves:
+            rms = leaf.detach().double().square().mean().sqrt().clamp_min(1e-30).float()
+            noise = torch.randn(leaf.shape, generator=generator).to(leaf.device)
+            projection = projection + (noise * leaf).sum() / rms
+        inputs = [scales[n] for n in names if n in scales]
+        gradients = torch.autograd.grad(projection, inputs, allow_unused=True)
+        for name, gradient in zip([n for n in names if n in scales], gradients):
+            if gradient is not None:
+                totals[name] += float(gradient.double().square().sum())
+        samples += leaves[0].shape[0] if leaves and leaves[0].dim() else 1
+        elements += sum(leaf[0].numel() if leaf.dim() else 1 for leaf in leaves) * (
+            leaves[0].shape[0] if leaves and leaves[0].dim() else 1)
+    per_element = max(elements, 1)
+    return {name: totals[name] / per_element for name in names}
+
+
+def predicted_sqnr_db(ratio: float) -> float:
+    return math.inf if ratio <= 0 else -10 * math.log10(ratio)
+
+
+def choose_float_layers(sensitivity: dict[str, float], costs: dict[str, float],
+                        budget: float | None, target_sqnr_db: float | None = None) -> list[str]:
+    """Layers to keep float, most predicted error per cost first: while their summed cost stays
+    within ``budget`` (a fraction of the summed cost of all candidates), and, with
+    ``target_sqnr_db``, only until the remaining predicted error reaches it."""
+    total_cost = sum(costs.values())
+    allowed = math.inf if budget is None else budget * total_cost
+    remaining = sum(sensitivity.values())
+    order = sorted(sensitivity, key=lambda n: sensitivity[n] / max(costs[n], 1e-30), reverse=True)
+    chosen, spent = [], 0.0
+    for name in order:
+        if target_sqnr_db is not None and predicted_sqnr_db(remaining) >= target_sqnr_db:
+            break
+        if sensitivity[name] <= 0 or spent + costs[name] > allowed:
+            continue
+        chosen.append(name)
+        spent += costs[name]
+        remaining -= sensitivity[name]
+    return chosen

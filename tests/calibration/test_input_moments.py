@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hfp8.calibration.input_moments import InputMoments, supports
+
+
+def _reference_rows(layer, x):
+    """Every input row, through F.unfold on the whole input (the slow, obvious way)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride = (1, layer.kernel_size[0]), (1, layer.stride[0])
+        padding, dilation = (0, layer.padding[0]), (1, layer.dilation[0])
+    else:
+        kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    n, features, positions = patches.shape
+    groups = layer.groups
+    return patches.view(n, groups, features // groups, positions).permute(1, 0, 3, 2) \
+        .reshape(groups, n * positions, features // groups)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=2), (2, 6, 9, 9)),
+    (nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3), (2, 3, 8, 8)),  # depthwise, dilated
+    (nn.Conv2d(4, 8, 1), (3, 4, 5, 6)),
+    (nn.Conv1d(4, 6, 3, padding=1), (2, 4, 10)),
+    (nn.Linear(5, 3), (2, 7, 5)),
+], ids=["grouped-strided", "depthwise-dilated", "pointwise", "conv1d", "linear"])
+def test_second_moments_equal_the_unfolded_inputs(layer, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    moments = InputMoments(layer, max_rows=10**9)
+    moments.observe(x)
+    moments.observe(2 * x)  # streaming: the average over both calls
+    rows = _reference_rows(layer, x).double()
+    expected = 2.5 * torch.bmm(rows.transpose(1, 2), rows) / rows.shape[1]
+    torch.testing.assert_close(moments.hessian(), expected, rtol=1e-5, atol=1e-6)
+    assert moments.hessian().shape[0] == layer.groups if not isinstance(layer, nn.Linear) else 1
+
+
+def test_rows_per_call_are_bounded_and_nothing_observed_is_none():
+    layer = nn.Conv2d(8, 8, 3, padding=1)
+    moments = InputMoments(layer, max_rows=100)
+    assert moments.hessian() is None
+    moments.observe(torch.randn(4, 8, 32, 32))
+    assert moments.count == 100
+
+
+def test_unsupported_layers_are_said_so():
+    assert not supports(nn.Conv3d(2, 2, 3))
+    assert not supports(nn.Conv2d(2, 2, 3, padding="same"))
+    assert not supports(nn.Conv2d(2, 2, 3, padding_mode="circular"))
+    with pytest.raises(ValueError, match="not supported"):
+        InputMoments(nn.Conv3d(2, 2, 3))
