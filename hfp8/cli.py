@@ -23,6 +23,7 @@ MAIN_EPILOG = """examples (the built-in example, then your own model):
   hfp8-ptq evaluate model.onnx --data test
   hfp8-ptq quantize resnet.pt --arch mypkg.models:resnet18 --calib photos/ -o resnet.hfp8.pt
   hfp8-ptq export resnet.hfp8.pt --arch mypkg.models:resnet18 -o resnet.onnx
+  hfp8-ptq finetune resnet.hfp8.pt --arch recorded --calib photos/ --reference resnet.pt -o tuned.pt
 run 'hfp8-ptq COMMAND --help' for each command's flags and examples"""
 
 EPILOGS = {
@@ -48,6 +49,11 @@ EPILOGS = {
   hfp8-ptq inspect model.onnx --json""",
     "example": """examples:
   hfp8-ptq example demo && cd demo   (then follow the commands it prints)""",
+    "finetune": """examples:
+  hfp8-ptq finetune model.hfp8.pt --arch recorded --calib calibration --reference model.pt \
+      -o tuned.hfp8.pt --epochs 4
+  hfp8-ptq finetune q.pt --arch mypkg.models:net --calib photos/ --reference net.pt -o t.pt \
+      --data labelled/ --lr 3e-5 --steps 500""",
 }
 
 ARCH_HELP = ("callable that builds the float model: package.module:factory or "
@@ -179,9 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     x = command("example", "copy the built-in example (model + sample folders) into a folder")
     x.add_argument("folder", help="new or empty folder")
 
+    from hfp8.cli_finetune import add_parser
+
+    t = add_parser(command, _model_arguments, _sample_arguments)
     for p in (q, r, e):
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    for p in (q, r, e, v, i, x):
+    for p in (q, r, t):
+        p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="under torchrun: how long a rank waits for the others before it "
+                            "gives up (default 600)")
+    for p in (q, r, e, v, i, x, t):
         p.add_argument("--json", action="store_true", help="print the report as JSON")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--debug", action="store_true", help="show the traceback of any error")
@@ -203,16 +216,43 @@ def _json_safe(value):
     return value
 
 
+def _process_group(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group; only rank 0 writes and prints."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return None
+    if not hasattr(args, "dist_timeout"):
+        raise SystemExit(f"hfp8-ptq {args.command}: error: this command does not run under "
+                         "torchrun (quantize, recalibrate-bn and finetune do)")
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+    if dist.get_rank() != 0:
+        args.quiet = True
+    return dist
+
+
 def _run(args) -> int:
     from hfp8 import cli_commands as commands
+    from hfp8.calibration import collective
     from hfp8.cli_inputs import one_line
     from hfp8.cli_outputs import VerificationFailed
 
+    from hfp8.cli_finetune import finetune
+
     handler = {"quantize": commands.quantize, "recalibrate-bn": commands.recalibrate_bn,
                "export": commands.export, "evaluate": commands.evaluate,
-               "inspect": commands.inspect, "example": commands.example}[args.command]
+               "inspect": commands.inspect, "example": commands.example,
+               "finetune": finetune}[args.command]
+    group = _process_group(args)
+    rank = group.get_rank() if group is not None else 0
     try:
-        report, text, code = handler(args)
+        with collective.agreed():  # under torchrun: every rank finishes, or every rank errs
+            report, text, code = handler(args)
     except VerificationFailed as failure:
         if args.debug:
             raise
@@ -224,12 +264,20 @@ def _run(args) -> int:
             raise
         print(f"hfp8-ptq {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except collective.DistributedError as error:
+        print(f"hfp8-ptq {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 2
     except Exception as error:  # noqa: BLE001 - the last line of defence
         if args.debug:
             raise
         print(f"hfp8-ptq {args.command}: internal error: {type(error).__name__}: "
               f"{one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if group is not None:
+            group.destroy_process_group()
+    if rank != 0:  # under torchrun only rank 0 reports (errors: every rank, above)
+        return code
     try:
         print(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False)
               if args.json else text, flush=True)

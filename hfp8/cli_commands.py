@@ -104,7 +104,9 @@ def quantize(args) -> tuple[dict, str, int]:
                                batches, model, args, report)
         report["manifest"] = hfp8.save_quantized(qmodel, temporaries[0])
 
-    write_outputs([args.output, args.onnx] if args.onnx else [args.output], write, args.overwrite)
+    if not write_outputs([args.output, args.onnx] if args.onnx else [args.output], write,
+                         args.overwrite):
+        return {}, "", 0  # another rank writes
     lines = [hfp8.format_manifest(report["manifest"]), f"wrote {args.output}"]
     if args.plot:
         from hfp8.ptq.plot import plot_manifest
@@ -139,7 +141,8 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
     def write(temporaries: list[str]) -> None:
         report["manifest"] = hfp8.save_quantized(qmodel, temporaries[0])
 
-    write_outputs([args.output], write, args.overwrite)
+    if not write_outputs([args.output], write, args.overwrite):
+        return {}, "", 0  # another rank writes
     text = (f"re-estimated {bn['batchnorm_layers']} BatchNorm layers ({bn['method']}) from "
             f"{bn['samples']} samples\nwrote {args.output}")
     return report, text, 0

@@ -59,12 +59,18 @@ def check_output(path: str, inputs: list[str | None], overwrite: bool,
     return target
 
 
-def write_outputs(paths: list[str], write, overwrite: bool) -> None:
-    """``write(temporaries)`` then place every file (see the module docstring)."""
+def write_outputs(paths: list[str], write, overwrite: bool) -> bool:
+    """``write(temporaries)`` then place every file (see the module docstring). Under torchrun
+    only rank 0 writes; the others return False at once."""
+    from hfp8.calibration import collective
+
+    if collective.world()[0] != 0:
+        return False
     try:
         atomic_write_all(paths, write, overwrite=overwrite)
     except OutputExistsError as error:
         raise UsageError(f"output {error.filename} {error.strerror}") from None
+    return True
 
 
 def verification_text(report: dict) -> str:

@@ -19,4 +19,6 @@ if __name__ == "__main__":
     model = mobilenet_v2(weights=imagenet_mobilenet_v2_weights_path()).eval()
     recipe = Row("E4M3 + BN shift + first depthwise conv float", ours(C(
         exclude=("features.1.conv.0.0",), **PLAIN)))
-    main("mobilenet_v2", "MobileNetV2", model, 224, extra=(recipe,))
+    classifier = Row("E4M3 default + last layer (classifier) quantized too",
+                     ours(C(include=("classifier.1",))))
+    main("mobilenet_v2", "MobileNetV2", model, 224, extra=(recipe, classifier))

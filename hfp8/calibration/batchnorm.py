@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hfp8.calibration import collective
 from hfp8.calibration.batches import calibration_batches, model_device, to_device
 from hfp8.model_io import batch_size, call_model
 from hfp8.ptq.config import REPORT_ATTRIBUTE
@@ -73,6 +74,32 @@ class _ChannelMoments:
         self.mean = self.mean + delta * (batch_count / total)
         self.m2 = self.m2 + batch_m2 + delta * delta * (self.count * batch_count / total)
         self.count = total
+
+    def reduce(self, channels: int) -> None:
+        """Merge with the other ranks' moments of this layer, in rank order, so that every rank
+        holds the same result, equal (to float64 rounding) to one pass over all their batches."""
+        if not collective.active():
+            return
+        mine = torch.zeros(1 + 2 * channels, dtype=torch.float64)
+        if self.mean is not None:
+            mine[0], mine[1:1 + channels], mine[1 + channels:] = self.count, self.mean.cpu(), self.m2.cpu()
+        device = None if self.mean is None else self.mean.device
+        self.count, self.mean, self.m2 = 0, None, None
+        for other in collective.all_gather(mine):
+            count = int(other[0])
+            if count == 0:
+                continue
+            mean, m2 = other[1:1 + channels], other[1 + channels:]
+            if device is not None:
+                mean, m2 = mean.to(device), m2.to(device)
+            if self.mean is None:
+                self.count, self.mean, self.m2 = count, mean, m2
+                continue
+            total = self.count + count
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (count / total)
+            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+            self.count = total
 
     def variance(self) -> torch.Tensor:
         """Unbiased variance, as BatchNorm's running_var stores it."""
@@ -139,7 +166,11 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[
     finally:
         for handle in handles:
             handle.remove()
-    return moments, batches, samples
+    for index, model in enumerate(models):  # every rank: the moments of all ranks' batches
+        for name, bn in batchnorm_layers(model).items():
+            moments[index][name].reduce(bn.num_features)
+    counts = collective.all_reduce(torch.tensor([batches, samples], dtype=torch.int64))
+    return moments, int(counts[0]), int(counts[1])
 
 
 def recalibrate_batchnorm(
@@ -179,7 +210,9 @@ def recalibrate_batchnorm(
         if missing:
             raise ValueError(f"reference model has no BatchNorm layer named {missing[0]!r}")
         models.append(reference)
-    moments, report["batches"], report["samples"] = _measure(models, calibration, num_batches, quiet)
+    with collective.agreed():
+        moments, report["batches"], report["samples"] = _measure(models, calibration, num_batches,
+                                                                 quiet)
     for index, model_moments in enumerate(moments):  # check every layer before writing any
         for name, measured in model_moments.items():
             if measured.mean is not None and not (torch.isfinite(measured.mean).all()

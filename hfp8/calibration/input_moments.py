@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hfp8.calibration import collective
+
 __all__ = ["InputMoments", "supports"]
 
 
@@ -80,6 +82,19 @@ class InputMoments:
         moment = torch.bmm(rows.transpose(1, 2), rows).double().cpu()
         self.sum = moment if self.sum is None else self.sum + moment
         self.count += rows.shape[1]
+
+    def reduce(self) -> None:
+        """Sum with the other ranks' moments of this layer (no-op without a process group)."""
+        if not collective.active():
+            return
+        layer = self.layer
+        groups = 1 if isinstance(layer, nn.Linear) else layer.groups
+        width = layer.weight[0].numel() if not isinstance(layer, nn.Linear) else layer.in_features
+        total = self.sum if self.sum is not None else torch.zeros(groups, width, width,
+                                                                   dtype=torch.float64)
+        collective.all_reduce(total)
+        count = collective.all_reduce(torch.tensor(float(self.count), dtype=torch.float64))
+        self.sum, self.count = (total, int(count)) if int(count) else (None, 0)
 
     def hessian(self) -> torch.Tensor | None:
         """``(groups, d, d)`` float64, or None if nothing was observed."""

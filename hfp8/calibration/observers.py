@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from hfp8.calibration import collective
 from hfp8.calibration.bias_selection import (
     BIAS_METHODS,
     DEFAULT_SEARCH_RADIUS,
@@ -84,6 +85,20 @@ class HistogramObserver:
         self.counts += torch.bincount(bins, minlength=_BINS).double()
         self.sums += torch.bincount(bins, weights=as_double, minlength=_BINS)
         self.squares += torch.bincount(bins, weights=as_double * as_double, minlength=_BINS)
+
+    def reduce(self) -> None:
+        """Sum (and max) this observer with its namesakes on every other rank, in place: every
+        rank then holds what one observer over all ranks' values would (no-op without a
+        process group; see :mod:`hfp8.calibration.collective`)."""
+        if not collective.active():
+            return
+        for tensor in (self.counts, self.sums, self.squares):
+            collective.all_reduce(tensor)
+        scalars = torch.tensor([self.num_values, self.num_calls, self.num_non_finite],
+                               dtype=torch.float64)
+        collective.all_reduce(scalars)
+        self.num_values, self.num_calls, self.num_non_finite = (int(v) for v in scalars.tolist())
+        self.amax = float(collective.all_reduce(torch.tensor(self.amax, dtype=torch.float64), "max"))
 
     # -- deciding --------------------------------------------------------------------------------
     def _finite(self):

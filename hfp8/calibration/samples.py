@@ -140,8 +140,26 @@ class SampleConfig:
                 raise SampleError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
+def _shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None and world_size is None:
+        from hfp8.calibration import collective
+
+        return collective.world()
+    if rank is None or world_size is None or not 0 <= rank < world_size:
+        raise SampleError(f"give both rank and world_size, with 0 <= rank < world_size; got "
+                          f"{rank!r} and {world_size!r}")
+    return rank, world_size
+
+
 class SampleFolder:
     """Re-iterable batches of the samples in ``path`` (see the module docstring).
+
+    Sharded for distributed calibration: rank ``r`` of ``w`` reads batches ``r, r + w, r + 2w,
+    ...`` of the batches one process would read (whole batches, so that BatchNorm's batch
+    statistics, and with them everything measured downstream, are the same as in one process;
+    a batch with an unusable file is just smaller). ``rank``/``world_size`` default to the
+    initialized ``torch.distributed`` process group, if any (``rank=0, world_size=1`` reads
+    everything).
 
     Each ``iter()`` starts over and yields the same batches in the same order: float32 tensors of
     shape ``(B, *sample_shape)`` (``(B, C, H, W)`` for images), or ``(inputs, targets)`` with
@@ -149,7 +167,8 @@ class SampleFolder:
     samples except possibly the last.
     """
 
-    def __init__(self, path: str | os.PathLike, config: SampleConfig | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, config: SampleConfig | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         self.path = Path(path)
         self.config = config if config is not None else SampleConfig()
         files, targets, self._class_names = discover_samples(self.path, self.config.recursive,
@@ -158,6 +177,20 @@ class SampleFolder:
         if count is not None and count < len(files):
             keep = sorted(random.Random(self.config.seed).sample(range(len(files)), count))
             files, targets = [files[i] for i in keep], [targets[i] for i in keep]
+        self.rank, self.world_size = _shard(rank, world_size)
+        self._batch_ends: frozenset[int] = frozenset()
+        if self.world_size > 1:  # this rank's shard: every world_size-th batch of the whole list
+            size = self.config.batch_size
+            starts = list(range(self.rank * size, len(files), size * self.world_size))
+            if not starts:
+                raise SampleError(f"rank {self.rank} of {self.world_size} gets no sample from "
+                                  f"{self.path}: {len(files)} samples make fewer batches of "
+                                  f"{size} than there are ranks")
+            chunks = [range(start, min(start + size, len(files))) for start in starts]
+            files = [files[i] for chunk in chunks for i in chunk]
+            targets = [targets[i] for chunk in chunks for i in chunk]
+            ends = [sum(len(c) for c in chunks[:k + 1]) - 1 for k in range(len(chunks))]
+            self._batch_ends = frozenset(ends)
         self._files = tuple(files)
         self._targets = tuple(targets)
         self._skipped: dict[Path, str] = {}  # unreadable file -> reason, filled by passes
@@ -261,11 +294,11 @@ class SampleFolder:
                         raise SampleError(f"cannot use sample {path}: {reason}")
                     self._skipped[path] = reason
                     new_skips.append(path)
-                    continue
-                self._check_shape(path, tensor)
-                tensors.append(tensor)
-                targets.append(self._targets[i])
-                if len(tensors) == self.config.batch_size:
+                else:
+                    self._check_shape(path, tensor)
+                    tensors.append(tensor)
+                    targets.append(self._targets[i])
+                if tensors and (len(tensors) == self.config.batch_size or i in self._batch_ends):
                     produced += len(tensors)
                     batch = self._batch(tensors, targets)
                     tensors, targets = [], []

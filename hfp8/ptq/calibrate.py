@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from hfp8.calibration import collective
 from hfp8.calibration.batches import calibration_batches, model_device
 from hfp8.calibration.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
 from hfp8.calibration.input_moments import InputMoments, supports
@@ -83,6 +84,10 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bo
             state.observer = None
         for point in found.values():
             point[3](None)
+    for observer in observers.values():  # every rank: what all ranks' batches showed
+        observer.reduce()
+    for accumulated in moments.values():
+        accumulated.reduce()
     return observers, moments
 
 
@@ -113,6 +118,10 @@ def calibration_pass(qmodel, model, calibration, config, quiet):
     finally:
         for point in found.values():
             point[3](None)
+    for observer in observers.values():  # every rank: what all ranks' batches showed
+        observer.reduce()
+    if bn_report is None:
+        samples = int(collective.all_reduce(torch.tensor(samples, dtype=torch.int64)))
     return observers, bn_report, samples
 
 

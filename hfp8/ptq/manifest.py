@@ -73,7 +73,8 @@ def manifest(qmodel: nn.Module) -> dict:
     ``attention``: one entry per attention site (``kind`` matmul or sdpa, ``format``, and per
     operand its ``exponent_bias`` and ``observer``); ``sensitivity``: per layer considered by
     the float budget, ``nsr`` and ``sqnr_db`` (predicted output noise-to-signal ratio and SQNR
-    with only this layer quantized), ``cost`` (weights or MACs) and ``float`` (kept float).
+    with only this layer quantized), ``cost`` (weights or MACs) and ``float`` (kept float);
+    ``training``: None, or what HFP8 training did (steps, skipped steps, formats, losses).
     """
     from hfp8 import __version__
 
@@ -92,6 +93,7 @@ def manifest(qmodel: nn.Module) -> dict:
         "attention": _site_entries(qmodel, report),
         "sensitivity": [{"name": name, **entry} for name, entry
                         in (report.get("sensitivity") or {}).items()],
+        "training": report.get("training"),
     }
 
 

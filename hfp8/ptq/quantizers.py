@@ -67,6 +67,7 @@ class LayerQuantization:
     input_format: FloatFormat | None
     observer: object | None = None
     tap: Callable | None = None
+    trainer: Callable | None = None  # while training: rounds forward and backward (hfp8.training)
 
 
 @dataclass(eq=False)
@@ -79,6 +80,7 @@ class OperandSite:
     fmt: FloatFormat
     observers: dict = field(default_factory=dict)  # operand -> observer, while calibrating
     tap: Callable | None = None  # tap(site, operand, value), while verifying
+    trainers: dict = field(default_factory=dict)  # operand -> trainer, while training
 
     @property
     def operands(self) -> tuple[str, ...]:
@@ -89,13 +91,16 @@ class OperandSite:
 
 
 def quantize_point(x: torch.Tensor, fmt: FloatFormat | None, exponent_bias: torch.Tensor,
-                   site: str, observer=None, tap=None) -> torch.Tensor:
-    """One quantization point: tap, observe (value passes unrounded) or round."""
+                   site: str, observer=None, tap=None, trainer=None) -> torch.Tensor:
+    """One quantization point: tap, observe (value passes unrounded), train (the trainer rounds
+    forward and backward, see :mod:`hfp8.training`) or round."""
     if tap is not None:
         tap(x)
     if observer is not None:
         observer.observe(x)
         return x
+    if trainer is not None and torch.is_tensor(x) and x.is_floating_point():
+        return trainer(x)
     if fmt is None or not torch.is_tensor(x) or not x.is_floating_point():
         return x
     return torch.ops.hfp8.quantize_dequantize(
@@ -107,7 +112,7 @@ def quantize_point(x: torch.Tensor, fmt: FloatFormat | None, exponent_bias: torc
 def _quantize_layer_input(module, args, kwargs):
     state: LayerQuantization = getattr(module, LAYER_ATTRIBUTE)
     point = lambda x: quantize_point(x, state.input_format, module.input_exponent_bias,  # noqa: E731
-                                     state.name, state.observer, state.tap)
+                                     state.name, state.observer, state.tap, state.trainer)
     if args:
         return (point(args[0]), *args[1:]), kwargs
     for key, value in kwargs.items():  # forward(input=...) called by keyword
@@ -182,7 +187,8 @@ def _site_for(kind: str) -> tuple[nn.Module, OperandSite] | tuple[None, None]:
 def _point(owner: nn.Module, site: OperandSite, operand: str, x: torch.Tensor) -> torch.Tensor:
     tap = None if site.tap is None else (lambda value: site.tap(site, operand, value))
     return quantize_point(x, site.fmt, getattr(owner, site.bias_buffer(operand)),
-                          f"{site.name}.{operand}", site.observers.get(operand), tap)
+                          f"{site.name}.{operand}", site.observers.get(operand), tap,
+                          site.trainers.get(operand))
 
 
 def attention_by_definition(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -213,6 +213,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         "batchnorm": data.get("batchnorm"),
         "calibration_samples": data.get("calibration_samples"),
         "graph": data.get("graph"),
+        "training": data.get("training"),
         "metadata": data.get("metadata"),
     })
     return qmodel

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from hfp8.calibration import collective
 from hfp8.calibration.batches import calibration_batches, model_device
 from hfp8.model_io import call_model, output_leaves
 
@@ -96,8 +97,10 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
         samples += leaves[0].shape[0] if leaves and leaves[0].dim() else 1
         elements += sum(leaf[0].numel() if leaf.dim() else 1 for leaf in leaves) * (
             leaves[0].shape[0] if leaves and leaves[0].dim() else 1)
-    per_element = max(elements, 1)
-    return {name: totals[name] / per_element for name in names}
+    summed = collective.all_reduce(torch.tensor([totals[n] for n in names] + [float(elements)],
+                                                dtype=torch.float64))  # all ranks' batches
+    per_element = max(float(summed[-1]), 1.0)
+    return {name: float(value) / per_element for name, value in zip(names, summed[:-1])}
 
 
 def predicted_sqnr_db(ratio: float) -> float:

@@ -40,6 +40,7 @@ import warnings
 import torch
 from torch import nn
 
+from hfp8.calibration import collective
 from hfp8.calibration.batches import Peeked
 from hfp8.calibration.batchnorm import batchnorm_layers
 from hfp8.calibration.bias_selection import select_exponent_bias
@@ -132,7 +133,16 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig = QuantCon
     for the analysis); labels are never used. Returns the quantized copy in eval mode; it keeps
     the model's classes and forward code, and its forward pass is what deployment computes.
     ``quiet`` hides the progress bars. See the module docstring for the steps.
+
+    With a ``torch.distributed`` process group, each rank passes its own shard of the data and
+    every statistic is reduced across ranks: all ranks end with the same model, the one a single
+    process would make from the union of the shards (:mod:`hfp8.calibration.collective`).
     """
+    with collective.agreed():  # with a process group: every rank ends together, or all raise
+        return _quantize(model, calibration, config, quiet)
+
+
+def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):

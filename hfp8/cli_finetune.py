@@ -1,0 +1,68 @@
+"""The ``hfp8-ptq finetune`` command: HFP8 distillation after PTQ (see hfp8.training.distill)."""
+
+from __future__ import annotations
+
+import hfp8
+from hfp8 import cli_inputs as inputs
+from hfp8.calibration.samples import SampleFolder
+from hfp8.cli_outputs import check_output, write_outputs
+from hfp8.model_files import load_model
+from hfp8.ptq.transform import REPORT_ATTRIBUTE
+
+
+def finetune(args) -> tuple[dict, str, int]:
+    from hfp8.training import TrainingConfig, finetune as run_finetune
+
+    check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib, args.data])
+    if args.steps is not None and args.epochs is not None:
+        raise inputs.UsageError("give --steps or --epochs, not both")
+    qmodel, arch = inputs.load_qmodel(args.qmodel, args.arch)
+    metadata = getattr(qmodel, REPORT_ATTRIBUTE).get("metadata") or {}
+    teacher = load_model(args.reference, arch, args.trust_pickle)
+    preprocessing = metadata.get("preprocessing")
+    folder, labelled = (args.data, True) if args.data else (args.calib, False)
+    samples = SampleFolder(folder, inputs.sample_config(args, preprocessing, labels=labelled))
+    inputs.dry_run(qmodel, inputs.first_batch(samples), folder, samples.config)
+    config = TrainingConfig(gradient_rounding="stochastic" if args.stochastic_gradients else "nearest",
+                            seed=args.seed)
+    tuned = run_finetune(qmodel, teacher, samples, steps=args.steps, epochs=args.epochs,
+                         lr=args.lr, label_weight=args.label_weight if labelled else 0.0,
+                         config=config, quiet=args.quiet)
+    getattr(tuned, REPORT_ATTRIBUTE)["metadata"] = {**metadata, "architecture": arch}
+    report = {"output": args.output}
+
+    def write(temporaries: list[str]) -> None:
+        report["manifest"] = hfp8.save_quantized(tuned, temporaries[0])
+
+    if not write_outputs([args.output], write, args.overwrite):
+        return {}, "", 0  # another rank writes
+    training = report["manifest"]["training"]
+    report["training"] = training
+    text = (f"HFP8 fine-tuning (1-4-3 forward, 1-5-2 backward): {training['steps']} steps "
+            f"({training['skipped_steps']} skipped) in {training['seconds']:.0f} s; distillation "
+            f"loss {training['loss_first']:.4g} -> {training['loss_last']:.4g}\n"
+            f"{hfp8.format_manifest(report['manifest'])}\nwrote {args.output}")
+    return report, text, 0
+
+
+def add_parser(command, model_arguments, sample_arguments) -> None:
+    f = command("finetune", "fine-tune a quantized model in HFP8, distilling the float model")
+    f.add_argument("qmodel", help="quantized model file (from quantize)")
+    f.add_argument("--calib", required=True, metavar="DIR",
+                   help="samples to distil on (unlabelled; also re-chooses the input biases)")
+    f.add_argument("--reference", required=True, metavar="FLOAT_MODEL",
+                   help="the float model (the teacher), built with --arch")
+    f.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file to write")
+    f.add_argument("--data", metavar="DIR", help="labelled samples (one sub-folder per class) to "
+                   "train on instead, with a cross-entropy term beside the distillation")
+    f.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: one epoch)")
+    f.add_argument("--epochs", type=int, metavar="N", help="passes over the samples")
+    f.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
+    f.add_argument("--label-weight", type=float, default=1.0,
+                   help="weight of the cross-entropy term with --data (default 1)")
+    f.add_argument("--stochastic-gradients", action="store_true",
+                   help="round gradients stochastically (seeded by --seed)")
+    model_arguments(f)
+    sample_arguments(f, "samples", recorded=True)
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return f

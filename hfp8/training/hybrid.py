@@ -1,0 +1,225 @@
+"""Preparing a model for HFP8 training, guarding its steps, and finishing it into a quantized model.
+
+:func:`prepare_training` takes a float model (with an example batch, to find the layers by
+position in the graph as PTQ does) or a model from :func:`hfp8.quantize_model`, and returns a
+copy in which every quantized layer
+
+* reads its weight through a parametrization: the float32 master weight (what the optimizer
+  updates) rounded to the forward format at the bias its current values call for;
+* rounds its input to the forward format (delayed bias), and the gradient flowing out of that
+  input to the backward format (delayed bias);
+* rounds the gradient flowing into its output to the backward format (delayed bias);
+
+and every attention operand rounds forward and backward the same way. The chosen forward biases
+are written into the layer's ``weight_exponent_bias`` and ``input_exponent_bias`` buffers, so the
+forward pass is exactly PTQ's fake quantization at those biases.
+
+:class:`HybridTraining` guards the optimizer: a step whose gradients hold NaN/Inf or overflowed
+a delayed choice is skipped (gradients zeroed, never applied) and counted. :func:`finish_training`
+turns the trained copy back into a normal quantized model: master weights rounded onto the grid
+at their final bias, input biases re-chosen on calibration data (or the last delayed ones kept).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from hfp8.calibration.bias_selection import select_exponent_bias
+from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
+from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
+from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
+from hfp8.training.config import TrainingConfig
+from hfp8.training.rounding import (
+    GradientRounder,
+    round_forward_and_gradient,
+    round_gradient,
+    round_weight,
+)
+from hfp8.training.scaling import DelayedBias
+
+__all__ = ["prepare_training", "finish_training", "HybridTraining"]
+
+
+class _RoundedWeight(nn.Module):
+    """Parametrization: the master weight rounded to ``fmt`` at the bias it calls for now."""
+
+    def __init__(self, fmt, method: str, bias_buffer: torch.Tensor) -> None:
+        super().__init__()
+        self.fmt, self.method = fmt, method
+        self.bias_buffer = bias_buffer  # the layer's weight_exponent_bias (shared tensor)
+
+    def forward(self, master: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            per_channel = self.bias_buffer.dim() == 1
+            bias = select_exponent_bias(master.detach(), self.fmt, self.method,
+                                        axis=0 if per_channel else None)
+            bias = torch.as_tensor(bias)
+            self.bias_buffer.copy_(bias)
+            rounded = fake_quantize_per_channel(master.detach(), self.fmt, bias, axis=0) \
+                if per_channel else fake_quantize(master.detach(), self.fmt.with_bias(int(bias)))
+        return round_weight(master, rounded)
+
+
+class _PointTrainer:
+    """Forward rounding at a delayed bias (written into ``buffer``) and gradient rounding."""
+
+    def __init__(self, forward_fmt, gradient: GradientRounder | None, history: int,
+                 buffer: torch.Tensor | None) -> None:
+        self.forward = None if forward_fmt is None else DelayedBias(forward_fmt, history)
+        self.gradient, self.buffer = gradient, buffer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = None
+        if self.forward is not None:
+            fmt = self.forward.choose(x)
+            if self.buffer is not None:
+                self.buffer.fill_(fmt.exponent_bias)
+        return round_forward_and_gradient(x, fmt, self.gradient)
+
+
+class HybridTraining:
+    """The training state beside the prepared model: gradient streams, the guarded step."""
+
+    def __init__(self, model: nn.Module, config: TrainingConfig) -> None:
+        self.model, self.config = model, config
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.gradient_streams: dict[str, DelayedBias] = {}
+        self.steps = self.skipped = 0
+        self.overflows: dict[str, int] = {}
+        self.handles = []
+
+    def rounder(self, name: str) -> GradientRounder | None:
+        if self.config.backward_format is None:
+            return None
+        stream = DelayedBias(self.config.backward_format, self.config.history,
+                             self.config.gradient_margin)
+        self.gradient_streams[name] = stream
+        return GradientRounder(stream, self.config.gradient_rounding == "stochastic",
+                               self.generator)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Apply the step unless a gradient overflowed or holds NaN/Inf; returns whether it
+        was applied. Skipped steps leave no gradient behind."""
+        overflowed = [name for name, s in self.gradient_streams.items() if s.overflowed]
+        finite = all(bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups
+                     for p in group["params"] if p.grad is not None)
+        for name in overflowed:
+            self.overflows[name] = self.overflows.get(name, 0) + 1
+        for stream in self.gradient_streams.values():
+            stream.overflowed = False
+        if overflowed or not finite:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return False
+        optimizer.step()
+        self.steps += 1
+        return True
+
+    def report(self) -> dict:
+        return {"steps": self.steps, "skipped_steps": self.skipped, "overflows": dict(self.overflows),
+                "gradient_biases": {n: s.bias for n, s in self.gradient_streams.items()},
+                "config": {"forward_format": str(self.config.forward_format),
+                           "backward_format": str(self.config.backward_format),
+                           "gradient_rounding": self.config.gradient_rounding,
+                           "history": self.config.history,
+                           "gradient_margin": self.config.gradient_margin}}
+
+
+def _attach_float_model(model: nn.Module, example_batch, config: TrainingConfig) -> nn.Module:
+    from hfp8.ptq.graph_probe import probe_model
+    from hfp8.ptq.plan import plan_quantization
+    from hfp8.ptq.quantizers import attach_layer
+    from hfp8.ptq.transform import _attach_sites
+
+    if example_batch is None:
+        raise ValueError("preparing a float model needs example_batch (to find the first and "
+                         "last layers by position in the graph)")
+    quant = QuantConfig(weight_format=config.forward_format, activation_format=config.forward_format,
+                        keep_first_and_last=config.keep_first_and_last, exclude=config.exclude,
+                        include=config.include, quantize_attention=config.quantize_attention,
+                        float_budget=0.0, weight_rounding="nearest")
+    probe = probe_model(model, example_batch)
+    layers, sites = plan_quantization(model, quant, probe)
+    for name, reason in layers.items():
+        if reason is None:
+            attach_layer(model.get_submodule(name), name, config.forward_format,
+                         config.forward_format, per_channel=False)
+    _attach_sites(model, sites, probe, quant)
+    setattr(model, REPORT_ATTRIBUTE, {
+        "config": quant.to_dict(), "observers": {}, "weights": {}, "batchnorm": None,
+        "calibration_samples": 0, "sensitivity": {},
+        "kept_float": {n: r for n, r in layers.items() if r is not None},
+        "sites_kept_float": {n: r for n, r in sites.items() if r is not None},
+        "graph": {"first": sorted(probe.first), "last": sorted(probe.last), "not_run": []}})
+    return model
+
+
+def prepare_training(model: nn.Module, example_batch=None,
+                     config: TrainingConfig = TrainingConfig()) -> tuple[nn.Module, HybridTraining]:
+    """A copy of ``model`` ready for HFP8 training, and its :class:`HybridTraining`; ``model``
+    is not modified. See the module docstring."""
+    tmodel = copy.deepcopy(model)
+    if not quantized_layers(tmodel) and not operand_sites(tmodel):
+        _attach_float_model(tmodel, example_batch, config)
+    training = HybridTraining(tmodel, config)
+    forward = config.forward_format
+    for name, layer in quantized_layers(tmodel).items():
+        state = layer_state(layer)
+        state.weight_format = state.input_format = forward
+        if forward is not None:
+            parametrize.register_parametrization(
+                layer, "weight", _RoundedWeight(forward, config.weight_bias_method,
+                                                layer.weight_exponent_bias))
+        state.trainer = _PointTrainer(forward, training.rounder(f"{name}.input"), config.history,
+                                      layer.input_exponent_bias)
+        output = training.rounder(f"{name}.output")
+        if output is not None:
+            training.handles.append(layer.register_forward_hook(
+                lambda module, args, y, output=output: round_gradient(y, output)))
+    for site_name, (owner, site) in operand_sites(tmodel).items():
+        site.fmt = forward or site.fmt
+        for operand in site.operands:
+            site.trainers[operand] = _PointTrainer(
+                forward, training.rounder(f"{site_name}.{operand}"), config.history,
+                getattr(owner, site.bias_buffer(operand)))
+    return tmodel, training
+
+
+def finish_training(training: HybridTraining, calibration=None, quiet: bool = True) -> nn.Module:
+    """The trained model as a normal quantized model (exportable, savable); see the module
+    docstring. The prepared model is modified in place and returned."""
+    from hfp8.ptq.calibrate import calibration_pass, choose_input_biases
+
+    tmodel, config = training.model, training.config
+    for handle in training.handles:
+        handle.remove()
+    for name, layer in quantized_layers(tmodel).items():
+        state = layer_state(layer)
+        state.trainer = None
+        if parametrize.is_parametrized(layer, "weight"):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        if state.weight_format is not None:
+            per_channel = layer.weight_exponent_bias.dim() == 1
+            bias = torch.as_tensor(select_exponent_bias(
+                layer.weight.detach(), state.weight_format, config.weight_bias_method,
+                axis=0 if per_channel else None))
+            with torch.no_grad():
+                layer.weight.copy_(fake_quantize_per_channel(layer.weight, state.weight_format, bias, 0)
+                                   if per_channel else
+                                   fake_quantize(layer.weight, state.weight_format.with_bias(int(bias))))
+                layer.weight_exponent_bias.copy_(bias)
+    for _, site in operand_sites(tmodel).values():
+        site.trainers.clear()
+    report = getattr(tmodel, REPORT_ATTRIBUTE)
+    if calibration is not None:
+        quant = dataclasses.replace(QuantConfig.from_dict(report["config"]), bn_recalibration="none")
+        observers, _, samples = calibration_pass(tmodel, tmodel, calibration, quant, quiet)
+        report["observers"] = choose_input_biases(tmodel, observers, quant)
+        report["calibration_samples"] = report.get("calibration_samples") or samples
+    report["training"] = training.report()
+    return tmodel.eval()

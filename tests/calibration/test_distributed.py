@@ -1,0 +1,157 @@
+"""Sharded calibration on torch.distributed (gloo, CPU): ranks spawned from the test."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hfp8
+from hfp8.calibration import SampleConfig, SampleError, SampleFolder, collective
+from hfp8.ptq.quantizers import quantized_layers
+from tests.small_models import calibration_batches, trained
+
+EXACT = hfp8.QuantConfig(weight_rounding="nearest", float_budget=0.0, analysis_batches=16)
+
+
+def _state(qmodel) -> dict:
+    state = {f"{name}.input_exponent_bias": int(layer.input_exponent_bias)
+             for name, layer in quantized_layers(qmodel).items()}
+    state.update({f"{name}.weight_exponent_bias": layer.weight_exponent_bias.clone()
+                  for name, layer in quantized_layers(qmodel).items()})
+    state.update({k: v.clone() for k, v in qmodel.state_dict().items()
+                  if "running_" in k or k.endswith(".weight")})
+    state["samples"] = hfp8.manifest(qmodel)["calibration_samples"]
+    return state
+
+
+def _worker(rank, world, init, out, config, failure, timeout):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+    try:
+        batches = calibration_batches(5)[rank::world]  # uneven shards: 5 batches
+        if failure == "raise" and rank == world - 1:
+            def failing(first=batches[0]):
+                yield first
+                raise RuntimeError("this rank's data went bad")
+            batches = failing()
+        if failure == "die" and rank == world - 1:
+            os._exit(3)
+        start = time.monotonic()
+        try:
+            qmodel = hfp8.quantize_model(trained("mobilenet_like"), batches, config, quiet=True)
+            torch.save(_state(qmodel), f"{out}.{rank}")
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            torch.save({"error": f"{type(error).__name__}: {error}",
+                        "seconds": time.monotonic() - start}, f"{out}.{rank}")
+    finally:
+        if failure != "die":
+            dist.destroy_process_group()
+
+
+def _run(world, config, failure=None, timeout=60):
+    folder = tempfile.mkdtemp()
+    out = os.path.join(folder, "result")
+    init = f"file://{os.path.join(folder, 'rendezvous')}"
+    context = mp.start_processes(_worker, args=(world, init, out, config, failure, timeout),
+                                 nprocs=world, join=False, start_method="spawn")
+    context.join(timeout=timeout + 60) if failure != "die" else _join_loosely(context, timeout + 60)
+    return [torch.load(f"{out}.{rank}", weights_only=False) if os.path.exists(f"{out}.{rank}")
+            else None for rank in range(world)]
+
+
+def _join_loosely(context, limit):
+    deadline = time.monotonic() + limit
+    for process in context.processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_biases_and_statistics_of_one_process_over_all_samples(world):
+    single = _state(hfp8.quantize_model(trained("mobilenet_like"), calibration_batches(5), EXACT,
+                                        quiet=True))
+    ranks = _run(world, EXACT)
+    for result in ranks:
+        assert "error" not in result, result
+        assert result["samples"] == single["samples"] == 160
+        for key, expected in single.items():
+            if key == "samples":
+                continue
+            if "running_" in key:  # merged in another order: float64 rounding only
+                torch.testing.assert_close(result[key], expected, rtol=1e-6, atol=1e-12)
+            elif torch.is_tensor(expected):
+                assert torch.equal(result[key], expected), key
+            else:
+                assert result[key] == expected, key
+
+
+def test_compensated_rounding_and_the_budget_agree_across_ranks():
+    config = hfp8.QuantConfig(float_budget=0.05)
+    ranks = _run(2, config)
+    assert all("error" not in r for r in ranks), ranks
+    for key, value in ranks[0].items():
+        other = ranks[1][key]
+        assert (torch.equal(value, other) if torch.is_tensor(value) else value == other), key
+
+
+def test_a_rank_that_fails_stops_every_rank_at_once():
+    ranks = _run(2, EXACT, failure="raise", timeout=120)
+    assert ranks[1]["error"].startswith("RuntimeError: this rank's data went bad")
+    assert ranks[0]["error"].startswith("DistributedError: rank 1 of 2 failed")
+    assert ranks[0]["seconds"] < 60  # told at the next checkpoint, not at the 120 s timeout
+
+
+def test_a_rank_that_dies_ends_the_others_at_the_timeout():
+    start = time.monotonic()
+    ranks = _run(2, EXACT, failure="die", timeout=10)
+    assert ranks[1] is None and "error" in ranks[0]
+    assert time.monotonic() - start < 90
+
+
+def test_sample_folders_shard_by_rank_and_refuse_an_empty_shard(tmp_path):
+    for i in range(5):
+        torch.save(torch.full((2,), float(i)), tmp_path / f"{i}.pt")
+    config = SampleConfig(batch_size=2)  # whole batches: [0 1] [2 3] [4]
+    shards = [[b[:, 0].tolist() for b in SampleFolder(tmp_path, config, rank=r, world_size=2)]
+              for r in range(2)]
+    assert shards == [[[0.0, 1.0], [4.0]], [[2.0, 3.0]]]
+    assert collective.world() == (0, 1) and len(SampleFolder(tmp_path, config).files) == 5
+    with pytest.raises(SampleError, match="rank 3 of 4 gets no sample"):
+        SampleFolder(tmp_path, config, rank=3, world_size=4)
+
+
+def test_torchrun_quantize_writes_once_the_model_one_process_makes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m hfp8.cli quantize ...`: each rank reads its shard of
+    the sample folder, rank 0 alone writes and prints, and the file equals one process's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_cli import ARCH, EXE, FLAGS
+
+    subprocess.run([EXE, "example", str(tmp_path / "demo"), "--quiet"], check=True,
+                   capture_output=True)
+    folder = tmp_path / "demo"
+    common = ["quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS,
+              "--weight-rounding", "nearest", "--float-budget", "0", "--batch-size", "16", "--quiet"]
+    subprocess.run([EXE, *common, "-o", "single.pt"], check=True, capture_output=True, cwd=folder)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "hfp8.cli", *common, "-o",
+                             "sharded.pt", "--dist-timeout", "60"], capture_output=True, text=True,
+                            cwd=folder, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wrote sharded.pt") == 1  # rank 0 alone
+    single = torch.load(folder / "single.pt", weights_only=True)
+    sharded = torch.load(folder / "sharded.pt", weights_only=True)
+    for key, value in single["state_dict"].items():
+        if "running_" in key:
+            torch.testing.assert_close(sharded["state_dict"][key], value, rtol=1e-6, atol=1e-12)
+        else:
+            assert torch.equal(sharded["state_dict"][key], value), key
+    assert hfp8.read_manifest(folder / "sharded.pt")["calibration_samples"] == 128
