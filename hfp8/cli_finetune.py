@@ -40,7 +40,7 @@ def finetune(args) -> tuple[dict, str, int]:
     report["training"] = training
     text = (f"HFP8 fine-tuning (1-4-3 forward, 1-5-2 backward): {training['steps']} steps "
             f"({training['skipped_steps']} skipped) in {training['seconds']:.0f} s; distillation "
-            f"loss {training['loss_first']:.4g} -> {training['loss_last']:.4g}\n"
+            f"loss {training['loss_before']:.4g} -> {training['loss_after']:.4g}\n"
             f"{hfp8.format_manifest(report['manifest'])}\nwrote {args.output}")
     return report, text, 0
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 __all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size",
-           "output_leaves", "positional_capacity", "describe", "describe_batch"]
+           "output_leaves", "positional_capacity", "describe", "describe_batch", "slice_batch"]
 
 
 class BatchError(TypeError):
@@ -119,6 +119,13 @@ def describe_batch(batch) -> str:
     if isinstance(batch, (tuple, list)):
         return "(" + ", ".join(describe(v) for v in batch) + ")"
     return describe(batch)
+
+
+def slice_batch(batch, count: int):
+    """The first ``count`` samples of ``batch``: every tensor whose first dimension is the batch
+    size is sliced, anything else (a shared mask, a scalar) kept whole."""
+    size = batch_size(batch)
+    return map_tensors(batch, lambda t: t[:count] if t.dim() and t.shape[0] == size else t)
 
 
 def _first_tensor(value):

@@ -7,7 +7,9 @@ error-compensating weight rounding needs: the expected squared output error of a
 ``e`` is ``e^T H e`` per output.
 
 Streaming and bounded: each call adds at most ``max_rows`` rows per group (a seeded random
-choice of positions), so memory is ``groups x d x d`` whatever the calibration size.
+choice of positions, fewer for very wide layers so that at most ``max_values`` values are
+gathered), so memory is ``groups x d x d`` whatever the calibration size. Non-finite inputs are
+not filtered here: the observers of the same pass refuse them before the moments are used.
 Convolutions are unfolded with the layer's own stride, padding and dilation from the input the
 layer receives; a subclass that pads inside its forward (TF "same" padding) is seen without that
 padding, which leaves out the border patches only. Conv3d is not supported (``supports`` says so).
@@ -48,6 +50,11 @@ def _rows(layer: nn.Module, x: torch.Tensor, limit: int, generator: torch.Genera
         padding, dilation = (0, layer.padding[0]), (1, layer.dilation[0])
     else:
         kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    if tuple(kernel) == (1, 1) and tuple(padding) == (0, 0):  # pointwise: rows are pixels
+        pixels = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        pick = _pick(pixels.shape[0], limit, generator)
+        rows = pixels if pick is None else pixels[pick.to(x.device)]
+        return rows.reshape(rows.shape[0], layer.groups, -1).transpose(0, 1)
     padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     spans = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
     windows = padded.unfold(2, spans[0], stride[0]).unfold(3, spans[1], stride[1])
@@ -66,11 +73,15 @@ def _rows(layer: nn.Module, x: torch.Tensor, limit: int, generator: torch.Genera
 class InputMoments:
     """Forward pre-hook state: ``observe(x)`` adds rows, ``hessian()`` returns ``E[x x^T]``."""
 
-    def __init__(self, layer: nn.Module, max_rows: int = 4096, seed: int = 0) -> None:
+    def __init__(self, layer: nn.Module, max_rows: int = 4096, seed: int = 0,
+                 max_values: int = 1 << 22) -> None:
         if not supports(layer):
             raise ValueError(f"{type(layer).__name__} input moments are not supported")
         self.layer = layer
-        self.max_rows = max_rows
+        # rows per call: at most max_rows, and at most max_values gathered values (a depthwise
+        # layer of 960 channels needs few rows per channel for its 9 x 9 moments)
+        width = layer.weight[0].numel() * (layer.groups if hasattr(layer, "groups") else 1)
+        self.max_rows = min(max_rows, max(256, max_values // max(width, 1)))
         self.generator = torch.Generator().manual_seed(seed)
         self.sum: torch.Tensor | None = None
         self.count = 0
@@ -78,7 +89,6 @@ class InputMoments:
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         rows = _rows(self.layer, x.detach().float(), self.max_rows, self.generator)
-        rows = rows[:, torch.isfinite(rows).all(dim=2).all(dim=0)]  # non-finite rows are refused elsewhere
         moment = torch.bmm(rows.transpose(1, 2), rows).double().cpu()
         self.sum = moment if self.sum is None else self.sum + moment
         self.count += rows.shape[1]

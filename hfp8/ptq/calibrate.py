@@ -24,7 +24,8 @@ from hfp8.calibration.observers import HistogramObserver
 from hfp8.model_io import batch_size, call_model
 from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
 
-__all__ = ["points", "analysis_pass", "calibration_pass", "choose_input_biases"]
+__all__ = ["points", "analysis_pass", "calibration_pass", "choose_input_biases",
+           "refuse_non_finite"]
 
 
 def points(qmodel: nn.Module) -> dict[str, tuple]:
@@ -125,14 +126,19 @@ def calibration_pass(qmodel, model, calibration, config, quiet):
     return observers, bn_report, samples
 
 
-def choose_input_biases(qmodel, observers, config, warn: bool = True) -> dict[str, dict]:
-    """Sets each point's bias from its observer; returns the observer summaries."""
-    found = points(qmodel)
+def refuse_non_finite(observers: dict) -> None:
+    """NaN or Inf seen at a point is an error naming it: no model is made from it."""
     for name, observer in observers.items():
         if observer.num_non_finite:
             raise ValueError(f"the input of {name!r} held {observer.num_non_finite} NaN or Inf "
                              f"values during calibration (of {observer.num_values}); a model is "
                              "not made from that (check the samples and the model's weights)")
+
+
+def choose_input_biases(qmodel, observers, config, warn: bool = True) -> dict[str, dict]:
+    """Sets each point's bias from its observer; returns the observer summaries."""
+    found = points(qmodel)
+    refuse_non_finite(observers)
     summaries = {}
     for name, observer in observers.items():
         if name not in found:

@@ -29,7 +29,7 @@ from torch import nn
 
 from hfp8.calibration import collective
 from hfp8.calibration.batches import calibration_batches, model_device
-from hfp8.model_io import call_model, output_leaves
+from hfp8.model_io import call_model, output_leaves, slice_batch
 
 __all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db"]
 
@@ -56,9 +56,11 @@ def layer_costs(model: nn.Module, names: list[str], batch, unit: str) -> dict[st
 
 
 def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], batches,
-                      num_batches: int = 1, seed: int = 0, quiet: bool = True) -> dict[str, float]:
+                      num_batches: int = 1, seed: int = 0, quiet: bool = True,
+                      max_samples: int | None = None) -> dict[str, float]:
     """Predicted noise-to-signal ratio of the outputs when only layer ``name`` of ``qmodel`` is
-    quantized (see the module docstring), for each name. ``model``: the float model."""
+    quantized (see the module docstring), for each name. ``model``: the float model; at most
+    ``max_samples`` samples of each batch are used."""
     reference = copy.deepcopy(model).eval()
     quantized = {name: qmodel.get_submodule(name) for name in names}
     generator = torch.Generator().manual_seed(seed)
@@ -66,6 +68,8 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
     elements = samples = 0
     device = model_device(reference)
     for batch in calibration_batches(batches, num_batches, device, "Layer sensitivity", quiet):
+        if max_samples is not None:
+            batch = slice_batch(batch, max_samples)
         scales = {}
 
         def inject(name):

@@ -44,8 +44,13 @@ from hfp8.calibration import collective
 from hfp8.calibration.batches import Peeked
 from hfp8.calibration.batchnorm import batchnorm_layers
 from hfp8.calibration.bias_selection import select_exponent_bias
-from hfp8.model_io import describe, describe_batch, split_batch
-from hfp8.ptq.calibrate import analysis_pass, calibration_pass, choose_input_biases
+from hfp8.model_io import describe, describe_batch, slice_batch, split_batch
+from hfp8.ptq.calibrate import (
+    analysis_pass,
+    calibration_pass,
+    choose_input_biases,
+    refuse_non_finite,
+)
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
 from hfp8.ptq.graph_probe import ProbeResult, probe_model
@@ -162,8 +167,8 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
         warnings.warn(f"calibration batches carry {len(left)} item(s) beyond the inputs the "
                       f"model's forward takes ({describe(left[0])} first); they are not passed "
                       "(taken for targets)", stacklevel=2)
-    try:
-        probe = probe_model(qmodel, batches.first)
+    try:  # the data flow does not depend on the batch size: a slice of two samples suffices
+        probe = probe_model(qmodel, slice_batch(batches.first, 2))
     except Exception as error:  # noqa: BLE001 - the model's own code raises anything
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise ValueError(f"the model rejects the first calibration batch ({describe_batch(batches.first)}): "
@@ -206,6 +211,7 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool) -> dict:
     if not quantized_layers(qmodel) or not (compensate or select):
         return {}
     observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, compensate, quiet)
+    refuse_non_finite(observers)  # before the moments feed the weights
     if compensate:
         compensate_weights(qmodel, model, moments)
     if not select:

@@ -56,7 +56,8 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
     """Fine-tune ``qmodel`` (from :func:`hfp8.quantize_model`; not modified) toward ``teacher``
     on ``batches`` (re-iterable: a list, a DataLoader, a SampleFolder) for ``steps`` optimizer
     steps or ``epochs`` passes (default: one epoch). Returns the fine-tuned quantized model;
-    its report (manifest) records the training: steps, skipped steps, loss before and after.
+    its report (manifest) records the training: steps, skipped steps, and the distillation loss
+    on ``batches`` of ``qmodel`` (``loss_before``) and of the returned model (``loss_after``).
 
     With a ``torch.distributed`` process group, each rank passes its own shard of the batches;
     the student is wrapped in DistributedDataParallel and its gradients are averaged in 1-5-2
@@ -106,15 +107,30 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
     finally:
         bar.close()
     finished = finish_training(training, batches, quiet=quiet)
-    window = max(1, min(10, len(losses) // 5))
     finished.hfp8_report["training"].update({
         "kind": "distillation", "lr": lr, "seconds": time.perf_counter() - start,
-        "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window})
+        "loss_before": _mean_loss(qmodel, teacher, batches, device),
+        "loss_after": _mean_loss(finished, teacher, batches, device)})
     if state is not None:
         finished.hfp8_report["training"]["communication"] = {
             "format": str(state.fmt), "error_feedback": state.error_feedback,
             "bytes_sent": state.bytes_sent, "float32_all_reduce_bytes": state.float32_bytes}
     return finished
+
+
+@torch.no_grad()
+def _mean_loss(student: nn.Module, teacher: nn.Module, batches, device) -> float:
+    """Distillation loss of a deployable model, averaged over the batches (and over ranks).
+    The losses seen during training are not used for the report: they come from the training
+    form (delayed biases, float32 master weights), not from the model that is returned."""
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        batch = to_device(batch, device)
+        total += float(distillation_loss(call_model(teacher, batch), call_model(student, batch)))
+        count += 1
+    if collective.active():
+        total, count = collective.all_reduce(total), collective.all_reduce(count)
+    return float(total / count.clamp_min(1))
 
 
 def _data_parallel(student: nn.Module, communication: str):

@@ -61,7 +61,13 @@ def _run(world, config, failure=None, timeout=60):
     init = f"file://{os.path.join(folder, 'rendezvous')}"
     context = mp.start_processes(_worker, args=(world, init, out, config, failure, timeout),
                                  nprocs=world, join=False, start_method="spawn")
-    context.join(timeout=timeout + 60) if failure != "die" else _join_loosely(context, timeout + 60)
+    if failure == "die":
+        _join_loosely(context, timeout + 60)
+    else:  # join() returns as soon as one rank ends; wait for all of them
+        deadline = time.monotonic() + timeout + 60
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                break
     return [torch.load(f"{out}.{rank}", weights_only=False) if os.path.exists(f"{out}.{rank}")
             else None for rank in range(world)]
 

@@ -21,14 +21,18 @@ def _torch_e4m3(weight, bias):
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
-@pytest.mark.parametrize("layer, shape", [
-    (nn.Conv2d(8, 16, 3, padding=1), (6, 8, 10, 10)),
-    (nn.Conv2d(8, 8, 3, padding=1, groups=8), (6, 8, 10, 10)),
-    (nn.Conv2d(8, 12, 3, padding=1, groups=2), (6, 8, 7, 7)),
-    (nn.Linear(40, 24), (50, 40)),
+@pytest.mark.parametrize("make_layer, shape", [
+    (lambda: nn.Conv2d(8, 16, 3, padding=1), (6, 8, 10, 10)),
+    (lambda: nn.Conv2d(32, 32, 3, padding=1, groups=32), (6, 32, 10, 10)),
+    (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=2), (6, 8, 7, 7)),
+    (lambda: nn.Linear(40, 24), (50, 40)),
 ], ids=["conv", "depthwise", "grouped", "linear"])
-def test_every_weight_lands_on_the_grid_and_the_objective_drops(layer, shape, per_channel):
+def test_every_weight_lands_on_the_grid_and_the_objective_drops(make_layer, shape, per_channel):
+    # The layer is built after seeding: greedy compensation is not guaranteed to win on every
+    # draw (a single 9-tap depthwise draw went to 1.01x), so the draw must not depend on which
+    # tests ran before. Over 20 seeds the ratio measured 0.36-0.48 (linear), 0.72-0.91 (others).
     torch.manual_seed(0)
+    layer = make_layer()
     x = torch.randn(*shape)
     x = x + 0.8 * x.roll(1, dims=-1)  # correlated neighbours, as in images
     moments = InputMoments(layer)
@@ -45,7 +49,7 @@ def test_every_weight_lands_on_the_grid_and_the_objective_drops(layer, shape, pe
         groups = hessian.shape[0]
         error = (rounded - weight).double().reshape(groups, -1, hessian.shape[1])
         return float(torch.einsum("god,gde,goe->", error, hessian, error))
-    assert objective(compensated) < 0.9 * objective(nearest)  # measured 0.83 (grouped) and below
+    assert objective(compensated) < 0.9 * objective(nearest)  # seed 0: 0.72-0.83 (convs), 0.39 (linear)
 
 
 def test_near_cancelling_taps_before_a_low_variance_batchnorm():

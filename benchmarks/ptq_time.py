@@ -1,0 +1,76 @@
+"""What each PTQ default costs in time, as a ratio to one FP32 forward pass over the calibration
+set, measured side by side (interleaved, median of ``--repeats`` runs) in one process.
+
+    python benchmarks/ptq_time.py [--model mobilenet_v2|efficientnet_lite2|both] [--repeats 3]
+
+Rows: the default (BN shift + compensated rounding + 1% float budget), without the budget
+(no sensitivity estimate), with rounding to nearest (no analysis pass), and the plain BN-shift
+pipeline (neither). Same 256 calibration crops as the accuracy tables, 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "gallery")]
+
+import hfp8  # noqa: E402
+from photos import photo_crops  # noqa: E402
+
+C = hfp8.QuantConfig
+ROWS = {
+    "default (shift + compensated + 1% float budget)": C(),
+    "shift + compensated, no budget": C(float_budget=0.0),
+    "shift + 1% float budget, rounding to nearest": C(weight_rounding="nearest"),
+    "shift, rounding to nearest, no budget": C(weight_rounding="nearest", float_budget=0.0),
+}
+
+
+def load(name):
+    if name == "mobilenet_v2":
+        from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2
+        return mobilenet_v2(weights=imagenet_mobilenet_v2_weights_path()).eval(), 224
+    import real_models
+    return real_models.load_efficientnet_lite2(), 260
+
+
+@torch.no_grad()
+def float_pass(model, batches) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        model(batch)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="both", choices=("mobilenet_v2", "efficientnet_lite2", "both"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    for name in (("mobilenet_v2", "efficientnet_lite2") if args.model == "both" else (args.model,)):
+        model, size = load(name)
+        batches = list(photo_crops("calibration", 256, seed=0, size=size).split(32))
+        times = {"float": [], **{label: [] for label in ROWS}}
+        for _ in range(args.repeats):
+            times["float"].append(float_pass(model, batches))
+            for label, config in ROWS.items():
+                start = time.perf_counter()
+                hfp8.quantize_model(model, batches, config, quiet=True)
+                times[label].append(time.perf_counter() - start)
+        unit = statistics.median(times["float"])
+        print(f"{name}: one FP32 pass over 256 crops {unit:.1f} s (median of {args.repeats})")
+        for label in ROWS:
+            seconds = statistics.median(times[label])
+            print(f"  {label:48s} {seconds:6.1f} s  {seconds / unit:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
