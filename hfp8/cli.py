@@ -11,7 +11,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 
 __all__ = ["main", "build_parser"]
@@ -260,7 +262,7 @@ def _run(args) -> int:
               "without the check)", file=sys.stderr)
         return 1
     except commands.INPUT_ERRORS as error:
-        if args.debug:  # an input error can also be our bug: show where it came from
+        if args.debug or _interrupted:  # an input error can also be our bug: show where it came from
             raise
         print(f"hfp8-ptq {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -268,7 +270,7 @@ def _run(args) -> int:
         print(f"hfp8-ptq {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001 - the last line of defence
-        if args.debug:
+        if args.debug or _interrupted:  # after an interrupt: main says "interrupted"
             raise
         print(f"hfp8-ptq {args.command}: internal error: {type(error).__name__}: "
               f"{one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
@@ -286,16 +288,34 @@ def _run(args) -> int:
     return code
 
 
+_interrupted = False
+
+
+def _on_interrupt(signum, frame) -> None:
+    # Remember the interrupt: one that lands inside a module's import (numpy, onnx) can surface
+    # as another exception (a RecursionError from a half-initialised module), not as itself.
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "hfp8-ptq"
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_interrupt) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
         command = f"hfp8-ptq {args.command}"
         warnings.showwarning = _show_warning  # one line per warning, no source excerpt
         return _run(args)
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if not (_interrupted or isinstance(error, KeyboardInterrupt)):
+            raise
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

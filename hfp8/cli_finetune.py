@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hfp8
-from hfp8 import cli_inputs as inputs
-from hfp8.calibration.samples import SampleFolder
-from hfp8.cli_outputs import check_output, write_outputs
-from hfp8.model_files import load_model
-from hfp8.ptq.transform import REPORT_ATTRIBUTE
-
 
 def finetune(args) -> tuple[dict, str, int]:
+    # imported here, not at the top: building the parser (add_parser) must stay light, so that
+    # --help is fast and an interrupt while starting never lands inside torch's or onnx's imports
+    import hfp8
+    from hfp8 import cli_inputs as inputs
+    from hfp8.calibration.samples import SampleFolder
+    from hfp8.cli_outputs import check_output, write_outputs
+    from hfp8.model_files import load_model
+    from hfp8.ptq.transform import REPORT_ATTRIBUTE
     from hfp8.training import TrainingConfig, finetune as run_finetune
 
     check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib, args.data])

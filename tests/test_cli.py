@@ -312,3 +312,42 @@ def test_unexportable_model_is_refused_before_calibration(example, bad_inputs, m
                  "--quiet"])
     assert code == 2
     assert not (bad_inputs / "g.pt").exists() and not (bad_inputs / "g.onnx").exists()
+
+
+def test_finetune_float_budget_and_plot_through_the_command_line(quantized):
+    folder, _ = quantized
+    budget = json.loads(run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS,
+                            "-o", "budget.pt", "--float-budget", "0.5", "--json", "--quiet",
+                            cwd=folder, check_code=0).stdout)
+    reasons = [layer["reason"] or "" for layer in budget["manifest"]["layers"]]
+    assert any(reason.startswith("sensitive: predicted output SQNR") for reason in reasons), reasons
+    plotted = run("inspect", "budget.pt", "--plot", "layers.png", "--quiet", cwd=folder, check_code=0)
+    assert (folder / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plotted.stdout
+    tuned = json.loads(run("finetune", "model.hfp8.pt", "--arch", "recorded", "--calib",
+                           "calibration", "--reference", "model.pt", "-o", "tuned.pt", "--steps",
+                           "3", "--json", "--quiet", cwd=folder, check_code=0).stdout)
+    training = tuned["training"]
+    assert training["steps"] + training["skipped_steps"] == 3
+    assert training["loss_before"] > 0 and training["loss_after"] > 0
+    exported = run("export", "tuned.pt", "--arch", "recorded", "-o", "tuned.onnx", "--quiet",
+                   cwd=folder, check_code=0)
+    assert "verification OK" in exported.stdout
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "-1"], ["lr"]),
+    (["--steps", "0"], ["steps"]),
+    (["--steps", "2", "--epochs", "1"], ["--steps or --epochs"]),
+], ids=["negative_lr", "zero_steps", "steps_and_epochs"])
+def test_finetune_bad_values_are_one_line_errors(quantized, flags, words):
+    folder, _ = quantized
+    result = run("finetune", "model.hfp8.pt", "--arch", "recorded", "--calib", "calibration",
+                 "--reference", "model.pt", "-o", "never.pt", *flags, cwd=folder)
+    _assert_input_error(result, *words, leftovers=[folder / "never.pt"])
+
+
+def test_float_budget_out_of_range_is_a_usage_error(quantized):
+    folder, _ = quantized
+    result = run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS, "-o", "never.pt",
+                 "--float-budget", "2", cwd=folder)
+    _assert_input_error(result, "float", leftovers=[folder / "never.pt"])

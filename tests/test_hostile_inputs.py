@@ -355,7 +355,16 @@ def test_10_weight_flushing_is_reported(demo):
 def test_10_an_interrupt_while_starting_is_one_line(tmp_path):
     process = subprocess.Popen([EXE, "inspect", str(tmp_path / "x.pt")], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    time.sleep(0.6)  # torch is still importing
+    # Signal once torch's shared library is being loaded: torch is still importing. (A fixed
+    # sleep hits the interpreter's own start-up on a loaded machine, before any code of ours.)
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if "libtorch" in Path(f"/proc/{process.pid}/maps").read_text():
+                break
+        except OSError:
+            break
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode in (130, 2), stderr  # 2: it had finished before the signal

@@ -181,11 +181,12 @@ class SampleFolder:
         self._batch_ends: frozenset[int] = frozenset()
         if self.world_size > 1:  # this rank's shard: every world_size-th batch of the whole list
             size = self.config.batch_size
+            batches = -(-len(files) // size)
+            if batches < self.world_size:  # every rank sees the same files, so all refuse alike
+                raise SampleError(f"rank {self.world_size - 1} of {self.world_size} gets no "
+                                  f"sample from {self.path}: {len(files)} samples make {batches} "
+                                  f"batches of {size}, fewer than the {self.world_size} ranks")
             starts = list(range(self.rank * size, len(files), size * self.world_size))
-            if not starts:
-                raise SampleError(f"rank {self.rank} of {self.world_size} gets no sample from "
-                                  f"{self.path}: {len(files)} samples make fewer batches of "
-                                  f"{size} than there are ranks")
             chunks = [range(start, min(start + size, len(files))) for start in starts]
             files = [files[i] for chunk in chunks for i in chunk]
             targets = [targets[i] for chunk in chunks for i in chunk]

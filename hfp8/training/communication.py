@@ -21,8 +21,6 @@ all-reduce: 4x fewer, plus 8 bytes for the shared maximum. The counters in
 given, not a measurement of the wire). Without error feedback the roundings are simply lost.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -60,7 +58,9 @@ def _rounded(values: torch.Tensor, fmt: FloatFormat) -> tuple[torch.Tensor, torc
     return encode(rounded, fmt), rounded
 
 
-def e5m2_hook(state: E5M2Communication, bucket) -> torch.futures.Future:
+# DDP compares this return annotation with the real type (not a string): no postponed annotations
+# in this module.
+def e5m2_hook(state: E5M2Communication, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: average the bucket's gradients across ranks in 1-5-2 (see the
     module docstring). Register with ``ddp_model.register_comm_hook(state, e5m2_hook)``."""
     buffer = bucket.buffer()
@@ -90,7 +90,7 @@ def e5m2_hook(state: E5M2Communication, bucket) -> torch.futures.Future:
     if state.error_feedback:
         state.chunk_residuals[index] = partial - chunk_rounded if finite else torch.zeros_like(partial)
     gathered = torch.empty(chunk * world, dtype=torch.uint8)
-    dist.all_gather_into_tensor(gathered, chunk_codes, group=state.group)
+    dist.all_gather_single(gathered, chunk_codes, group=state.group)
     averaged = decode(gathered, second)[:count] / world
     buffer.copy_(averaged.to(buffer.dtype))
     state.bytes_sent += 2 * (world - 1) * chunk + 8

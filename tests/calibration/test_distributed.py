@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import hfp8
 from hfp8.calibration import SampleConfig, SampleError, SampleFolder, collective
 from hfp8.ptq.quantizers import quantized_layers
-from tests.small_models import calibration_batches, trained
+from tests.small_models import FACTORIES, calibration_batches, trained
 
 EXACT = hfp8.QuantConfig(weight_rounding="nearest", float_budget=0.0, analysis_batches=16)
 
@@ -31,7 +31,7 @@ def _state(qmodel) -> dict:
     return state
 
 
-def _worker(rank, world, init, out, config, failure, timeout):
+def _worker(rank, world, init, out, config, failure, timeout, state):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
     try:
@@ -45,7 +45,9 @@ def _worker(rank, world, init, out, config, failure, timeout):
             os._exit(3)
         start = time.monotonic()
         try:
-            qmodel = hfp8.quantize_model(trained("mobilenet_like"), batches, config, quiet=True)
+            model = FACTORIES["mobilenet_like"]()
+            model.load_state_dict(state)  # the parent's trained weights: no training per rank
+            qmodel = hfp8.quantize_model(model.eval(), batches, config, quiet=True)
             torch.save(_state(qmodel), f"{out}.{rank}")
         except Exception as error:  # noqa: BLE001 - reported to the test
             torch.save({"error": f"{type(error).__name__}: {error}",
@@ -59,7 +61,8 @@ def _run(world, config, failure=None, timeout=60):
     folder = tempfile.mkdtemp()
     out = os.path.join(folder, "result")
     init = f"file://{os.path.join(folder, 'rendezvous')}"
-    context = mp.start_processes(_worker, args=(world, init, out, config, failure, timeout),
+    state = trained("mobilenet_like").state_dict()
+    context = mp.start_processes(_worker, args=(world, init, out, config, failure, timeout, state),
                                  nprocs=world, join=False, start_method="spawn")
     if failure == "die":
         _join_loosely(context, timeout + 60)
@@ -128,8 +131,9 @@ def test_sample_folders_shard_by_rank_and_refuse_an_empty_shard(tmp_path):
               for r in range(2)]
     assert shards == [[[0.0, 1.0], [4.0]], [[2.0, 3.0]]]
     assert collective.world() == (0, 1) and len(SampleFolder(tmp_path, config).files) == 5
-    with pytest.raises(SampleError, match="rank 3 of 4 gets no sample"):
-        SampleFolder(tmp_path, config, rank=3, world_size=4)
+    for rank in range(4):  # every rank refuses, not only the one left without samples
+        with pytest.raises(SampleError, match="rank 3 of 4 gets no sample.*3 batches of 2"):
+            SampleFolder(tmp_path, config, rank=rank, world_size=4)
 
 
 def test_torchrun_quantize_writes_once_the_model_one_process_makes(tmp_path):

@@ -86,3 +86,43 @@ def test_error_feedback_makes_repeated_steps_average_to_the_true_gradient():
     def error(ranks):
         return float((torch.stack(ranks[0]["results"]).mean(0) - exact).abs().max())
     assert error(with_feedback) < error(without) / 8, (error(with_feedback), error(without))
+
+
+def _finetune_worker(rank, world, init, out, state):
+    from hfp8.training import finetune
+    from tests.small_models import FACTORIES, calibration_batches
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        teacher = FACTORIES["mobilenet_like"]()
+        teacher.load_state_dict(state)
+        teacher.eval()
+        batches = calibration_batches(4)
+        config = hfp8.QuantConfig(float_budget=0.0, weight_rounding="nearest")
+        qmodel = hfp8.quantize_model(teacher, batches[rank::world], config, quiet=True)
+        tuned = finetune(qmodel, teacher, batches[rank::world], steps=3, lr=1e-4, quiet=True)
+        torch.save({"state": tuned.state_dict(), "training": tuned.hfp8_report["training"]},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_finetune_under_a_process_group_trains_one_model_through_the_hook():
+    """DistributedDataParallel accepts the hook (it checks the hook's signature) and every rank
+    ends with the same fine-tuned model, its gradients sent in 1-5-2."""
+    from tests.small_models import trained
+
+    world = 2
+    folder = tempfile.mkdtemp()
+    out, init = os.path.join(folder, "r"), f"file://{os.path.join(folder, 'rendezvous')}"
+    state = trained("mobilenet_like").state_dict()
+    mp.start_processes(_finetune_worker, args=(world, init, out, state), nprocs=world,
+                       start_method="spawn")
+    ranks = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    training = ranks[0]["training"]
+    assert training["steps"] + training["skipped_steps"] == 3
+    sent = training["communication"]
+    assert sent["format"].startswith("E5M2") and sent["error_feedback"]
+    assert 3.9 <= sent["float32_all_reduce_bytes"] / sent["bytes_sent"] <= 4.0
