@@ -300,6 +300,8 @@ def _on_interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _interrupted
+    _interrupted = False  # main may run more than once in a process (tests, notebooks)
     command = "hfp8-ptq"
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _on_interrupt) if main_thread else None

@@ -124,10 +124,16 @@ def _mean_loss(student: nn.Module, teacher: nn.Module, batches, device) -> float
     The losses seen during training are not used for the report: they come from the training
     form (delayed biases, float32 master weights), not from the model that is returned."""
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for batch in batches:
-        batch = to_device(batch, device)
-        total += float(distillation_loss(call_model(teacher, batch), call_model(student, batch)))
-        count += 1
+    flags = [(module, module.training) for module in student.modules()]
+    student.eval()  # the deployed form; and a caller's model in train mode keeps its BN statistics
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            total += float(distillation_loss(call_model(teacher, batch), call_model(student, batch)))
+            count += 1
+    finally:
+        for module, flag in flags:
+            module.training = flag
     if collective.active():
         total, count = collective.all_reduce(total), collective.all_reduce(count)
     return float(total / count.clamp_min(1))

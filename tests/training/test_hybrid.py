@@ -125,7 +125,11 @@ def test_a_short_finetune_lowers_the_distillation_loss_and_exports(tmp_path):
     # planted: rounding to nearest and no BatchNorm re-estimation leave a loss to remove
     config = hfp8.QuantConfig(float_budget=0.0, weight_rounding="nearest", bn_recalibration="none")
     qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
+    qmodel.train()  # a caller's model in train mode: finetune must leave it (and its BN) alone
+    before = {key: value.clone() for key, value in qmodel.state_dict().items()}
     tuned = finetune(qmodel, model, batches, epochs=4, lr=1e-4, quiet=True)
+    assert qmodel.training and all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
+    qmodel.eval()
     report = tuned.hfp8_report["training"]
     held_out = calibration_batches(9)[6:]  # samples the fine-tune never saw
 
