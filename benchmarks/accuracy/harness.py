@@ -23,6 +23,7 @@ from torch import nn
 import hfp8
 from hfp8.evaluation import collect_logits
 from int8_baseline import int8_quantize_model
+from plotting import pyplot_or_none
 
 C = hfp8.QuantConfig
 
@@ -138,12 +139,8 @@ def write_outputs(results: list[dict], stem: str, title: str, metric: str, folde
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{stem}.json"), "w") as stream:
         json.dump({"title": title, "rows": results}, stream, indent=2)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         print("matplotlib is not installed: no chart (pip install -r benchmarks/requirements.txt)")
         return
     shown = [r for r in results if metric in r]

@@ -90,6 +90,8 @@ def _worker(rank, world, init, out, variant, epochs):
 
 
 def main() -> None:
+    from plotting import plot_loss_curves
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
@@ -109,24 +111,11 @@ def main() -> None:
     folder = HERE / "results"
     folder.mkdir(exist_ok=True)
     (folder / f"ddp_{args.world}.json").write_text(json.dumps(results, indent=1) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for variant, r in results.items():
-        axis.plot([p["step"] for p in r["curve"]], [p["loss"] for p in r["curve"]],
-                  label=f"{variant}: top-1 {r['top1']:.4f}")
-    axis.set_xlabel("step (rank 0)")
-    axis.set_ylabel("training loss")
-    axis.set_title(f"HFP8 data-parallel training, {args.world} processes", fontsize=10)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(folder / f"ddp_{args.world}.png", dpi=110)
+    series = {f"{variant}: top-1 {r['top1']:.4f}": r["curve"] for variant, r in results.items()}
+    plot_loss_curves(series, folder / f"ddp_{args.world}.png",
+                     f"HFP8 data-parallel training, {args.world} processes", xlabel="step (rank 0)")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent.parent))
+    sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent)]
     main()

@@ -33,6 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "accuracy"), str(
 
 import hfp8  # noqa: E402
 from hfp8.training import TrainingConfig, finish_training, prepare_training  # noqa: E402
+from plotting import plot_loss_curves  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 VARIANTS = {
@@ -82,28 +83,11 @@ def train_one(task, config, epochs: int, seed: int = 0) -> dict:
 
 
 def plot(task_name: str, results: dict, folder: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for label, result in results.items():
-        steps = [point["step"] for point in result["curve"]]
-        losses = [point["loss"] for point in result["curve"]]
-        window = 5
-        smooth = [sum(losses[max(0, i - window):i + 1]) / len(losses[max(0, i - window):i + 1])
-                  for i in range(len(losses))]
-        axis.plot(steps, smooth, label=f"{label}: {result['metric']} {result['final']:.4g}")
-    axis.set_xlabel("step")
-    axis.set_ylabel("training loss (moving average)")
-    axis.set_yscale("log")
-    axis.set_title(f"{task_name}: same seed, data order and schedule", fontsize=10)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(folder / f"{task_name}.png", dpi=110)
-    plt.close(figure)
+    series = {f"{label}: {result['metric']} {result['final']:.4g}": result["curve"]
+              for label, result in results.items()}
+    plot_loss_curves(series, folder / f"{task_name}.png",
+                     f"{task_name}: same seed, data order and schedule",
+                     ylabel="training loss (moving average)", window=5, log_scale=True)
 
 
 def main() -> None:

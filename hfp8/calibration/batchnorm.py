@@ -66,13 +66,18 @@ class _ChannelMoments:
         batch_count = x.numel() // x.shape[1]
         batch_mean = module.running_mean.double()
         batch_m2 = module.running_var.double() * (batch_count - 1)
+        self._merge(batch_count, batch_mean, batch_m2)
+
+    def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add the moments of ``count`` more values (their mean and sum of squared deviations),
+        by Chan et al.'s pairwise update: exact in any grouping, up to float64 rounding."""
         if self.mean is None:
-            self.count, self.mean, self.m2 = batch_count, batch_mean, batch_m2
+            self.count, self.mean, self.m2 = count, mean, m2
             return
-        total = self.count + batch_count
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (batch_count / total)
-        self.m2 = self.m2 + batch_m2 + delta * delta * (self.count * batch_count / total)
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
         self.count = total
 
     def reduce(self, channels: int) -> None:
@@ -92,14 +97,7 @@ class _ChannelMoments:
             mean, m2 = other[1:1 + channels], other[1 + channels:]
             if device is not None:
                 mean, m2 = mean.to(device), m2.to(device)
-            if self.mean is None:
-                self.count, self.mean, self.m2 = count, mean, m2
-                continue
-            total = self.count + count
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (count / total)
-            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-            self.count = total
+            self._merge(count, mean, m2)
 
     def variance(self) -> torch.Tensor:
         """Unbiased variance, as BatchNorm's running_var stores it."""

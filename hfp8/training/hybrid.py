@@ -31,8 +31,8 @@ from torch.nn.utils import parametrize
 
 from hfp8.calibration.bias_selection import select_exponent_bias
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
-from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
 from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
+from hfp8.ptq.transform import quantize_weight
 from hfp8.training.config import TrainingConfig
 from hfp8.training.rounding import (
     GradientRounder,
@@ -55,14 +55,17 @@ class _RoundedWeight(nn.Module):
 
     def forward(self, master: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            per_channel = self.bias_buffer.dim() == 1
-            bias = select_exponent_bias(master.detach(), self.fmt, self.method,
-                                        axis=0 if per_channel else None)
-            bias = torch.as_tensor(bias)
+            rounded, bias = _round_at_chosen_bias(master.detach(), self.fmt, self.method,
+                                                  self.bias_buffer.dim() == 1)
             self.bias_buffer.copy_(bias)
-            rounded = fake_quantize_per_channel(master.detach(), self.fmt, bias, axis=0) \
-                if per_channel else fake_quantize(master.detach(), self.fmt.with_bias(int(bias)))
         return round_weight(master, rounded)
+
+
+def _round_at_chosen_bias(weight: torch.Tensor, fmt, method: str, per_channel: bool):
+    """(``weight`` rounded onto ``fmt``, the bias chosen for it by ``method``: one, or one per
+    output channel)."""
+    bias = torch.as_tensor(select_exponent_bias(weight, fmt, method, axis=0 if per_channel else None))
+    return quantize_weight(weight, fmt, bias), bias
 
 
 class _PointTrainer:
@@ -204,14 +207,11 @@ def finish_training(training: HybridTraining, calibration=None, quiet: bool = Tr
         if parametrize.is_parametrized(layer, "weight"):
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
         if state.weight_format is not None:
-            per_channel = layer.weight_exponent_bias.dim() == 1
-            bias = torch.as_tensor(select_exponent_bias(
-                layer.weight.detach(), state.weight_format, config.weight_bias_method,
-                axis=0 if per_channel else None))
+            rounded, bias = _round_at_chosen_bias(layer.weight.detach(), state.weight_format,
+                                                  config.weight_bias_method,
+                                                  layer.weight_exponent_bias.dim() == 1)
             with torch.no_grad():
-                layer.weight.copy_(fake_quantize_per_channel(layer.weight, state.weight_format, bias, 0)
-                                   if per_channel else
-                                   fake_quantize(layer.weight, state.weight_format.with_bias(int(bias))))
+                layer.weight.copy_(rounded)
                 layer.weight_exponent_bias.copy_(bias)
     for _, site in operand_sites(tmodel).values():
         site.trainers.clear()
