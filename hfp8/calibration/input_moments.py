@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from hfp8.calibration import collective
 
@@ -38,8 +37,9 @@ def _pick(count: int, limit: int, generator: torch.Generator) -> torch.Tensor | 
 
 def _rows(layer: nn.Module, x: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
     """``(groups, rows, d)``: at most ``limit`` input rows of one call, chosen at random. For a
-    convolution only the chosen patches are gathered (from a strided view), never the whole
-    unfolded input."""
+    convolution only the chosen patches are gathered, tap by tap, straight from the input:
+    neither a padded copy nor the unfolded input is ever made (a zero-padded tap reads a
+    clamped position and is multiplied by 0)."""
     if isinstance(layer, nn.Linear):
         flat = x.reshape(-1, x.shape[-1])
         pick = _pick(flat.shape[0], limit, generator)
@@ -50,24 +50,33 @@ def _rows(layer: nn.Module, x: torch.Tensor, limit: int, generator: torch.Genera
         padding, dilation = (0, layer.padding[0]), (1, layer.dilation[0])
     else:
         kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-    if tuple(kernel) == (1, 1) and tuple(padding) == (0, 0):  # pointwise: rows are pixels
-        pixels = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        pick = _pick(pixels.shape[0], limit, generator)
-        rows = pixels if pick is None else pixels[pick.to(x.device)]
-        return rows.reshape(rows.shape[0], layer.groups, -1).transpose(0, 1)
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    spans = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
-    windows = padded.unfold(2, spans[0], stride[0]).unfold(3, spans[1], stride[1])
-    windows = windows[..., ::dilation[0], ::dilation[1]]  # (N, C, out_h, out_w, kh, kw), a view
-    n, channels, out_h, out_w = windows.shape[:4]
+    n, _, height, width = x.shape
+    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     pick = _pick(n * out_h * out_w, limit, generator)
     if pick is None:
         pick = torch.arange(n * out_h * out_w)
     pick = pick.to(x.device)
-    sample, rest = pick // (out_h * out_w), pick % (out_h * out_w)
-    patches = windows[sample, :, rest // out_w, rest % out_w]  # (rows, C, kh, kw)
+    sample, position = pick // (out_h * out_w), pick % (out_h * out_w)
+    taps_h = torch.arange(kernel[0], device=x.device) * dilation[0]
+    taps_w = torch.arange(kernel[1], device=x.device) * dilation[1]
+    # input coordinates of every (row, tap), taps in the weight's (kh, kw) order
+    rows_h = ((position // out_w) * stride[0] - padding[0])[:, None, None] + taps_h[None, :, None]
+    rows_w = ((position % out_w) * stride[1] - padding[1])[:, None, None] + taps_w[None, None, :]
+    rows_h, rows_w = (t.expand(-1, kernel[0], kernel[1]).reshape(len(pick), -1)
+                      for t in (rows_h, rows_w))
+    inside = (rows_h >= 0) & (rows_h < height) & (rows_w >= 0) & (rows_w < width)
+    rows_h, rows_w = rows_h.clamp(0, height - 1), rows_w.clamp(0, width - 1)
     groups = layer.groups
-    return patches.reshape(len(pick), groups, -1).transpose(0, 1)
+    if groups == x.shape[1]:  # depthwise: gathered channel-major, (C, rows, taps) is the layout
+        values = x.transpose(0, 1)[:, sample[:, None], rows_h, rows_w]
+        return values.masked_fill_(~inside, 0.0)
+    values = x[sample[:, None], :, rows_h, rows_w]  # (rows, taps, C), a fresh tensor
+    values.masked_fill_(~inside[..., None], 0.0)
+    # one row per group, (C/groups x kh x kw) as the weight's inputs are laid out, contiguous
+    # per group: batched matrix products on strided rows are many times slower
+    values = values.reshape(len(pick), values.shape[1], groups, -1).permute(2, 0, 3, 1)
+    return values.reshape(groups, len(pick), -1).contiguous()
 
 
 class InputMoments:

@@ -19,6 +19,7 @@ histogram; smaller tensors go in whole. The max is always exact over every value
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,7 +31,7 @@ from hfp8.calibration.bias_selection import (
     max_bias_for_amax,
     valid_bias_range,
 )
-from hfp8.ptq.fake_quant import fake_quantize
+from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
 from hfp8.ptq.formats import FloatFormat
 
 __all__ = ["HistogramObserver"]
@@ -40,8 +41,10 @@ _BINS = 1 << (31 - _SHIFT)  # magnitudes only: 2^15 bins
 _FIRST_NON_FINITE_BIN = 0x7F800000 >> _SHIFT  # +Inf and every NaN land at or above this bin
 
 
+@functools.cache
 def _bin_midpoints() -> torch.Tensor:
-    """float32 midpoint of every finite bin (bit pattern ``k << 16 | 0x8000``)."""
+    """float32 midpoint of every finite bin (bit pattern ``k << 16 | 0x8000``); made once,
+    never written to."""
     bins = torch.arange(_FIRST_NON_FINITE_BIN, dtype=torch.int64)
     return ((bins << _SHIFT) | (1 << (_SHIFT - 1))).to(torch.int32).view(torch.float32)
 
@@ -107,13 +110,21 @@ class HistogramObserver:
 
     def squared_error(self, fmt: FloatFormat) -> float:
         """Sum of squared rounding errors of the histogrammed finite values at ``fmt``."""
+        return float(self.squared_errors(fmt, [fmt.exponent_bias])[0])
+
+    def squared_errors(self, fmt: FloatFormat, biases: list[int]) -> torch.Tensor:
+        """:meth:`squared_error` at each bias in ``biases`` (``fmt``'s own is not used), float64,
+        all in one rounding of the bin midpoints: per bin ``S2 - 2 q S1 + n q^2``."""
         counts, sums, squares = self._finite()
-        q = fake_quantize(_bin_midpoints(), fmt).double()
-        return float((squares - 2 * q * sums + counts * q * q).clamp_min(0).sum())
+        midpoints = _bin_midpoints().expand(len(biases), -1)
+        q = fake_quantize_per_channel(midpoints, fmt, torch.tensor(biases), axis=0).double()
+        return (squares - 2 * q * sums + counts * q * q).clamp_min(0).sum(dim=1)
 
     def exponent_bias(self, fmt: FloatFormat, method: str = "mse",
                       search_radius: int = DEFAULT_SEARCH_RADIUS) -> int:
-        """Bias by ``method`` (as :func:`hfp8.select_exponent_bias`; ``fmt``'s own if nothing seen)."""
+        """Bias by ``method`` (as :func:`hfp8.select_exponent_bias`; ``fmt``'s own if nothing seen).
+        ``"mse"``: the least squared error from the widest bias that holds ``amax`` up to
+        ``search_radius`` finer ones (the widest on a tie)."""
         if method not in BIAS_METHODS:
             raise ValueError(f"method must be one of {BIAS_METHODS}, got {method!r}")
         if self.amax == 0.0:
@@ -122,12 +133,8 @@ class HistogramObserver:
         if method == "max":
             return widest
         _, high = valid_bias_range(fmt)
-        best, best_error = widest, self.squared_error(fmt.with_bias(widest))
-        for bias in range(widest + 1, min(widest + search_radius, high) + 1):
-            error = self.squared_error(fmt.with_bias(bias))
-            if error < best_error:
-                best, best_error = bias, error
-        return best
+        candidates = list(range(widest, max(min(widest + search_radius, high), widest) + 1))
+        return candidates[int(torch.argmin(self.squared_errors(fmt, candidates)))]
 
     def summary(self, fmt: FloatFormat) -> dict:
         """What rounding at ``fmt`` (bias included) does to the observed values.

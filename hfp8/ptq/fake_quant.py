@@ -21,7 +21,7 @@ import torch
 
 from hfp8.ptq.formats import FloatFormat
 
-__all__ = ["fake_quantize", "fake_quantize_per_channel", "ROUNDING_MODES"]
+__all__ = ["fake_quantize", "fake_quantize_per_channel", "nearest_rounder", "ROUNDING_MODES"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
 
@@ -233,12 +233,44 @@ def fake_quantize_per_channel(
     compute = _compute_dtype(x.dtype, fmt.mantissa_bits, exponents)
     shape = [1] * x.dim()
     shape[axis] = -1
-    min_normal = torch.ldexp(torch.ones(()), (1 - biases).double()).to(compute)
-    max_finite = torch.ldexp(torch.full((), high_fmt.max_finite, dtype=torch.float64),
-                             (high - biases).double()).to(compute)
-    min_normal = min_normal.reshape(shape).to(x.device)
-    max_finite = max_finite.reshape(shape).to(x.device)
+    min_normal, max_finite = (bound.reshape(shape).to(x.device)
+                              for bound in _grid_bounds(fmt, biases, compute))
     with torch.no_grad():
         source = x.detach().to(compute).contiguous()
         result = _round(source, fmt.mantissa_bits, min_normal, max_finite, rounding, generator)
     return _finish(x, result)
+
+
+def _grid_bounds(fmt: FloatFormat, biases: torch.Tensor, dtype: torch.dtype):
+    """Elementwise ``2^(1 - b)`` (smallest normal) and ``max_finite`` of ``fmt`` at each integer
+    bias ``b`` in ``biases`` (CPU, int64), in ``dtype``."""
+    high = int(biases.max())
+    min_normal = torch.ldexp(torch.ones(()), (1 - biases).double()).to(dtype)
+    max_finite = torch.ldexp(torch.full((), fmt.with_bias(high).max_finite, dtype=torch.float64),
+                             (high - biases).double()).to(dtype)
+    return min_normal, max_finite
+
+
+def nearest_rounder(fmt: FloatFormat, exponent_bias: torch.Tensor,
+                    dtype: torch.dtype = torch.float64):
+    """``fq`` for many calls on tensors of ``exponent_bias``'s shape: element ``i`` is rounded
+    to nearest (ties to even, saturating) onto ``fmt`` at bias ``exponent_bias[i]``, the values
+    :func:`fake_quantize_per_channel` gives, in ``dtype`` (float32 or float64, CPU or the
+    biases' device). Validation, bounds and work space are made once; a call costs the few
+    elementwise operations of the rounding itself (a column-by-column loop calls it thousands of
+    times). The returned tensor is overwritten by the next call."""
+    biases = torch.as_tensor(exponent_bias)
+    device = biases.device
+    biases = biases.detach().to("cpu", torch.int64)
+    low, high = int(biases.min()), int(biases.max())
+    exponents = (1 - high, _top_exponent(fmt.with_bias(low)))
+    if _compute_dtype(dtype, fmt.mantissa_bits, exponents) != dtype:
+        raise ValueError(f"{fmt} at biases {low}..{high} needs float64 to round exactly")
+    min_normal, max_finite = (bound.to(device) for bound in _grid_bounds(fmt, biases, dtype))
+    result, scratch, sums = (torch.empty(biases.shape, dtype=dtype, device=device)
+                             for _ in range(3))
+
+    def round_values(values: torch.Tensor) -> torch.Tensor:
+        _round_nearest(values, result, scratch, sums, fmt.mantissa_bits, min_normal, max_finite)
+        return result
+    return round_values

@@ -14,7 +14,7 @@ from torch import nn
 from hfp8.ptq.config import QuantConfig
 from hfp8.ptq.quantizers import detach_layer, layer_state, quantized_layers
 from hfp8.ptq.sensitivity import choose_float_layers, layer_costs, layer_sensitivity, predicted_sqnr_db
-from hfp8.ptq.weight_rounding import compensated_rounding
+from hfp8.ptq.weight_rounding import compensated_rounding_many
 
 __all__ = ["compensate_weights", "keep_sensitive_layers_float", "SENSITIVITY_SAMPLES"]
 
@@ -24,9 +24,10 @@ SENSITIVITY_SAMPLES = 16
 
 
 def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> list[str]:
-    """Re-round each layer with input moments from its float weight (same grid, same bias);
-    returns the names of the layers rounded this way."""
-    done = []
+    """Re-round each layer with input moments from its float weight (same grid, same bias),
+    all layers of one weight format in one batched call; returns the names of the layers
+    rounded this way."""
+    by_format: dict = {}
     for name, accumulated in moments.items():
         hessian = accumulated.hessian()
         layer = qmodel.get_submodule(name)
@@ -34,10 +35,15 @@ def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> li
         if hessian is None or fmt is None:
             continue  # never ran on the analysis batches, or weights stay float
         float_weight = model.get_submodule(name).weight.detach()
-        rounded = compensated_rounding(float_weight, hessian, fmt, layer.weight_exponent_bias)
-        with torch.no_grad():
-            layer.weight.copy_(rounded)
-        done.append(name)
+        by_format.setdefault(fmt, []).append(
+            (name, (float_weight, hessian, layer.weight_exponent_bias)))
+    done = []
+    for fmt, entries in by_format.items():
+        rounded = compensated_rounding_many([problem for _, problem in entries], fmt)
+        for (name, _), weight in zip(entries, rounded):
+            with torch.no_grad():
+                qmodel.get_submodule(name).weight.copy_(weight)
+            done.append(name)
     return done
 
 

@@ -21,28 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
+from hfp8.ptq.fake_quant import nearest_rounder
 from hfp8.ptq.formats import FloatFormat
 
-__all__ = ["compensated_rounding", "DAMPING", "BLOCK"]
+__all__ = ["compensated_rounding", "compensated_rounding_many", "DAMPING", "BLOCK"]
 
 DAMPING = 0.01
 BLOCK = 128
-
-
-def _rounder(fmt: FloatFormat, exponent_bias: torch.Tensor, groups: int, rows: int):
-    """``round(values)`` for values of shape ``(groups, rows, k)``: each row (an output
-    channel) on its own bias when ``exponent_bias`` has one per channel."""
-    bias = torch.as_tensor(exponent_bias)
-    if bias.dim() == 0:
-        at_bias = fmt.with_bias(int(bias))
-        return lambda values: fake_quantize(values, at_bias)
-    per_row = bias.reshape(groups * rows)
-
-    def round_rows(values):
-        flat = values.reshape(groups * rows, -1)
-        return fake_quantize_per_channel(flat, fmt, per_row, axis=0).reshape(values.shape)
-    return round_rows
 
 
 def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -64,33 +49,80 @@ def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     raise ValueError("input second moments are not positive definite, even damped")
 
 
-@torch.no_grad()
-def compensated_rounding(weight: torch.Tensor, hessian: torch.Tensor, fmt: FloatFormat,
-                         exponent_bias) -> torch.Tensor:
-    """``weight`` (Conv/Linear layout, ``out`` first) rounded onto ``fmt`` at
-    ``exponent_bias`` (an int, or one per output channel) with error compensation under
-    ``hessian`` (``(groups, d, d)``, ``d`` = the weight's inputs per group). Same dtype and
-    shape as ``weight``; every value is on the grid."""
-    groups, inputs = hessian.shape[0], hessian.shape[1]
-    rows = weight.shape[0] // groups
-    if weight.numel() != groups * rows * inputs:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match moments of shape "
-                         f"{tuple(hessian.shape)}")
-    work = weight.detach().double().reshape(groups, rows, inputs).clone()
-    factor = _inverse_factor(hessian.double(), work)
-    round_values = _rounder(fmt, exponent_bias, groups, rows)
+def _round_columns(work: torch.Tensor, factor: torch.Tensor, round_values) -> torch.Tensor:
+    """The GPTQ loop on ``work`` (``(groups, rows, d)``, float64, consumed) under ``factor``
+    (``(groups, d, d)``): column by column, each rounding error moved onto the columns not yet
+    rounded; lazily, ``BLOCK`` columns at a time."""
+    inputs = work.shape[-1]
     result = torch.empty_like(work)
     for start in range(0, inputs, BLOCK):
         stop = min(start + BLOCK, inputs)
         block = work[..., start:stop].clone()
         errors = torch.empty_like(block)
         block_factor = factor[:, start:stop, start:stop]
+        diagonal = block_factor.diagonal(dim1=1, dim2=2)  # (groups, width)
         for j in range(stop - start):
             column = block[..., j]
-            rounded = round_values(column.unsqueeze(-1)).squeeze(-1)
+            rounded = round_values(column)
             result[..., start + j] = rounded
-            error = (column - rounded) / block_factor[:, j, j].unsqueeze(-1)
-            block[..., j:] -= error.unsqueeze(-1) * block_factor[:, j, j:].unsqueeze(1)
-            errors[..., j] = error
+            error = errors[..., j]
+            torch.sub(column, rounded, out=error)
+            error.div_(diagonal[:, j:j + 1])
+            block[..., j:].sub_(error.unsqueeze(-1) * block_factor[:, j:j + 1, j:])
         work[..., stop:] -= errors @ factor[:, start:stop, stop:]
-    return result.reshape(weight.shape).to(weight.dtype)
+    return result
+
+
+def _row_biases(exponent_bias, groups: int, rows: int) -> torch.Tensor:
+    """``(groups, rows)`` int64: the layer's bias, or each output channel's."""
+    bias = torch.as_tensor(exponent_bias).detach().to("cpu", torch.int64)
+    return bias.expand(groups, rows) if bias.dim() == 0 else bias.reshape(groups, rows)
+
+
+@torch.no_grad()
+def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat) -> list[torch.Tensor]:
+    """:func:`compensated_rounding` of several weights at once: ``problems`` is a list of
+    ``(weight, hessian, exponent_bias)``. Weights whose rows have the same width ``d`` are
+    rounded side by side, in one column loop for all (each group still with its own ``H``; rows
+    are padded with zeros, which round to zero and move no error): the loop's cost is per
+    column, and a network has many layers of few distinct widths. The results equal those of one
+    call per weight up to float64 summation order in the block updates."""
+    results: list[torch.Tensor | None] = [None] * len(problems)
+    by_width: dict[int, list[int]] = {}
+    for index, (weight, hessian, _) in enumerate(problems):
+        groups, inputs = hessian.shape[0], hessian.shape[1]
+        if weight.numel() != groups * (weight.shape[0] // groups) * inputs:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not match moments of "
+                             f"shape {tuple(hessian.shape)}")
+        by_width.setdefault(inputs, []).append(index)
+    for inputs, indices in by_width.items():
+        shapes = [(problems[i][1].shape[0], problems[i][0].shape[0] // problems[i][1].shape[0])
+                  for i in indices]
+        padded_rows = max(rows for _, rows in shapes)
+        works, factors, biases = [], [], []
+        for i, (groups, rows) in zip(indices, shapes):
+            weight, hessian, exponent_bias = problems[i]
+            work = weight.detach().double().reshape(groups, rows, inputs).cpu()
+            factors.append(_inverse_factor(hessian.double().cpu(), work))
+            row_bias = _row_biases(exponent_bias, groups, rows)
+            pad = padded_rows - rows
+            works.append(torch.cat([work, work.new_zeros(groups, pad, inputs)], dim=1))
+            biases.append(torch.cat([row_bias, row_bias[:, :1].expand(groups, pad)], dim=1))
+        rounded = _round_columns(torch.cat(works), torch.cat(factors),
+                                 nearest_rounder(fmt, torch.cat(biases)))
+        offset = 0
+        for i, (groups, rows) in zip(indices, shapes):
+            weight = problems[i][0]
+            mine = rounded[offset:offset + groups, :rows]
+            results[i] = mine.reshape(weight.shape).to(weight.device, weight.dtype)
+            offset += groups
+    return results
+
+
+def compensated_rounding(weight: torch.Tensor, hessian: torch.Tensor, fmt: FloatFormat,
+                         exponent_bias) -> torch.Tensor:
+    """``weight`` (Conv/Linear layout, ``out`` first) rounded onto ``fmt`` at
+    ``exponent_bias`` (an int, or one per output channel) with error compensation under
+    ``hessian`` (``(groups, d, d)``, ``d`` = the weight's inputs per group). Same dtype and
+    shape as ``weight``; every value is on the grid."""
+    return compensated_rounding_many([(weight, hessian, exponent_bias)], fmt)[0]

@@ -27,9 +27,13 @@ def _reference_rows(layer, x):
     (nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=2), (2, 6, 9, 9)),
     (nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3), (2, 3, 8, 8)),  # depthwise, dilated
     (nn.Conv2d(4, 8, 1), (3, 4, 5, 6)),
+    (nn.Conv2d(4, 4, 1, stride=2, groups=2), (2, 4, 7, 6)),
+    (nn.Conv2d(3, 6, (3, 2), stride=(2, 3), padding=(2, 1), groups=3), (2, 3, 9, 11)),
+    (nn.Conv2d(5, 2, (4, 3), stride=(1, 2), padding=(0, 2), dilation=(2, 1)), (2, 5, 10, 7)),
     (nn.Conv1d(4, 6, 3, padding=1), (2, 4, 10)),
     (nn.Linear(5, 3), (2, 7, 5)),
-], ids=["grouped-strided", "depthwise-dilated", "pointwise", "conv1d", "linear"])
+], ids=["grouped-strided", "depthwise-dilated", "pointwise", "pointwise-grouped-strided",
+        "depthwise-multiplier-asymmetric", "full-dilated-uneven-padding", "conv1d", "linear"])
 def test_second_moments_equal_the_unfolded_inputs(layer, shape):
     torch.manual_seed(0)
     x = torch.randn(*shape)
@@ -56,3 +60,22 @@ def test_unsupported_layers_are_said_so():
     assert not supports(nn.Conv2d(2, 2, 3, padding_mode="circular"))
     with pytest.raises(ValueError, match="not supported"):
         InputMoments(nn.Conv3d(2, 2, 3))
+
+
+def test_sampled_rows_are_rows_of_the_unfolded_input():
+    """With fewer rows per call than positions, every gathered row is one of the layer's input
+    rows (checked as a set against the unfold reference), for the depthwise and general paths."""
+    torch.manual_seed(0)
+    for layer, shape in [(nn.Conv2d(4, 4, 3, padding=1, groups=4), (2, 4, 6, 5)),
+                         (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 7, 7))]:
+        x = torch.randn(*shape)
+        moments = InputMoments(layer, max_rows=7)
+        from hfp8.calibration.input_moments import _rows
+        sampled = _rows(layer, x, 7, torch.Generator().manual_seed(3))
+        reference = _reference_rows(layer, x)
+        assert sampled.shape == (reference.shape[0], 7, reference.shape[2])
+        for group in range(reference.shape[0]):
+            for row in sampled[group]:
+                assert (reference[group] == row).all(dim=1).any()
+        moments.observe(x)
+        assert moments.count == 7

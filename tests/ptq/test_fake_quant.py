@@ -209,6 +209,33 @@ def test_per_channel_equals_per_slice():
         hfp8.fake_quantize_per_channel(w, hfp8.E4M3, biases[:3], axis=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearest_rounder_equals_ml_dtypes_element_by_element_bias(dtype):
+    """The reusable rounder of compensated rounding: each element at its own bias, called many
+    times with fresh values, against ml_dtypes' E4M3FN cast (saturated first, as ours is)."""
+    from hfp8.ptq.fake_quant import nearest_rounder
+    generator = torch.Generator().manual_seed(0)
+    biases = torch.randint(-6, 24, (40, 9), generator=generator)
+    rounder = nearest_rounder(hfp8.E4M3, biases, dtype)
+    for _ in range(4):
+        binade = torch.randint(-22, 14, (40, 9), generator=generator).to(dtype)
+        x = torch.randn(40, 9, generator=generator, dtype=dtype) * torch.exp2(binade)
+        x[0, :3] = torch.tensor([0.0, -0.0, 1e30], dtype=dtype)
+        out = rounder(x)
+        for (i, j), b in np.ndenumerate(biases.numpy()):
+            fmt = hfp8.E4M3.with_bias(int(b))
+            value = np.clip(x[i, j].item(), -fmt.max_finite, fmt.max_finite)
+            expected = ml_dtypes_round(np.array([value], dtype=np.float64), 4, 3, "fn", int(b))[0]
+            assert out[i, j].item() == expected and math.copysign(1, out[i, j].item()) == \
+                math.copysign(1, expected), (i, j, int(b), x[i, j].item())
+
+
+def test_nearest_rounder_refuses_float32_where_it_cannot_round_exactly():
+    from hfp8.ptq.fake_quant import nearest_rounder
+    with pytest.raises(ValueError, match="float64"):
+        nearest_rounder(hfp8.E4M3, torch.tensor([0, -100]), torch.float32)
+
+
 # -- properties ----------------------------------------------------------------------------------
 finite_floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
 biases = st.integers(min_value=-10, max_value=30)

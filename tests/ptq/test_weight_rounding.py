@@ -7,7 +7,7 @@ from torch import nn
 import hfp8
 from hfp8.calibration.input_moments import InputMoments
 from hfp8.ptq.quantizers import quantized_layers
-from hfp8.ptq.weight_rounding import compensated_rounding
+from hfp8.ptq.weight_rounding import compensated_rounding, compensated_rounding_many
 from tests.small_models import calibration_batches, trained
 
 
@@ -50,6 +50,32 @@ def test_every_weight_lands_on_the_grid_and_the_objective_drops(make_layer, shap
         error = (rounded - weight).double().reshape(groups, -1, hessian.shape[1])
         return float(torch.einsum("god,gde,goe->", error, hessian, error))
     assert objective(compensated) < 0.9 * objective(nearest)  # seed 0: 0.72-0.83 (convs), 0.39 (linear)
+
+
+def test_many_layers_at_once_equal_one_at_a_time():
+    """Batched over layers (same width side by side, rows padded): every weight as one call per
+    layer gives it, bit for bit, whatever the mix of widths, groups and bias granularity."""
+    torch.manual_seed(1)
+    layers = [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+              nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Linear(72, 5),
+              nn.Conv2d(8, 12, 3, groups=2), nn.Conv2d(4, 4, 3, groups=4), nn.Linear(36, 7)]  # widths 72, 9, 9, 72, 36, 9, 36
+    problems = []
+    for index, layer in enumerate(layers):
+        channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        linear = isinstance(layer, nn.Linear)
+        x = torch.randn(4, 6, channels) if linear else torch.randn(4, channels, 8, 8)
+        moments = InputMoments(layer)
+        moments.observe(x + 0.5 * x.roll(1, dims=-1))
+        weight = layer.weight.detach() * 2
+        axis = 0 if index % 2 else None
+        problems.append((weight, moments.hessian(),
+                         hfp8.select_exponent_bias(weight, hfp8.E4M3, "mse", axis=axis)))
+    together = compensated_rounding_many(problems, hfp8.E4M3)
+    for (weight, hessian, bias), result in zip(problems, together):
+        alone = compensated_rounding(weight, hessian, hfp8.E4M3, bias)
+        assert result.shape == weight.shape and result.dtype == weight.dtype
+        assert torch.equal(result, alone)
+        assert torch.equal(_torch_e4m3(result, bias), result)  # on the grid
 
 
 def test_near_cancelling_taps_before_a_low_variance_batchnorm():
