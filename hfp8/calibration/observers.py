@@ -114,9 +114,15 @@ class HistogramObserver:
 
     def squared_errors(self, fmt: FloatFormat, biases: list[int]) -> torch.Tensor:
         """:meth:`squared_error` at each bias in ``biases`` (``fmt``'s own is not used), float64,
-        all in one rounding of the bin midpoints: per bin ``S2 - 2 q S1 + n q^2``."""
+        all in one rounding of the bin midpoints: per bin ``S2 - 2 q S1 + n q^2``, over the
+        occupied bins only (an empty bin adds exactly 0; a tensor fills a few thousand of the
+        32768)."""
         counts, sums, squares = self._finite()
-        midpoints = _bin_midpoints().expand(len(biases), -1)
+        occupied = counts.nonzero().squeeze(1)
+        if occupied.numel() == 0:
+            return torch.zeros(len(biases), dtype=torch.float64)
+        counts, sums, squares = counts[occupied], sums[occupied], squares[occupied]
+        midpoints = _bin_midpoints()[occupied].expand(len(biases), -1)
         q = fake_quantize_per_channel(midpoints, fmt, torch.tensor(biases), axis=0).double()
         return (squares - 2 * q * sums + counts * q * q).clamp_min(0).sum(dim=1)
 

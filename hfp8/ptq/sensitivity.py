@@ -61,7 +61,8 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
     """Predicted noise-to-signal ratio of the outputs when only layer ``name`` of ``qmodel`` is
     quantized (see the module docstring), for each name. ``model``: the float model; at most
     ``max_samples`` samples of each batch are used."""
-    reference = copy.deepcopy(model).eval()
+    # parameters need no gradient: autograd then records only what follows an injection point
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
     quantized = {name: qmodel.get_submodule(name) for name in names}
     generator = torch.Generator().manual_seed(seed)
     totals = {name: 0.0 for name in names}

@@ -25,10 +25,13 @@ def test_histogram_squared_error_is_exact_for_e4m3():
     x = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 7
     observer = HistogramObserver()
     observer.observe(x)
-    for bias in (5, 7, 9, 12):
+    together = observer.squared_errors(hfp8.E4M3, [5, 7, 9, 12])  # all biases in one rounding
+    for index, bias in enumerate((5, 7, 9, 12)):
         fmt = hfp8.E4M3.with_bias(bias)
         direct = float(((hfp8.fake_quantize(x, fmt).double() - x.double()) ** 2).sum())
         assert observer.squared_error(fmt) == pytest.approx(direct, rel=1e-9)
+        assert float(together[index]) == pytest.approx(direct, rel=1e-9)
+    assert HistogramObserver().squared_errors(hfp8.E4M3, [5, 7]).tolist() == [0.0, 0.0]
 
 
 def test_amax_is_exact_and_ignores_non_finite_values():
