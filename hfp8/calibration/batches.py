@@ -34,13 +34,10 @@ def _length(calibration, num_batches: int | None) -> int | None:
 
 
 class Peeked:
-    """An iterable whose first ``count`` items were already taken (and are kept): every
-    iteration gives them back first, then the items after them, so a one-shot source (a
-    generator, any iterator) is read once, and every pass sees the same first batches, also from
-    a source that changes between iterations (a shuffling DataLoader; that is what lets the
-    analysis pass's measurements on them count in the main pass). A re-iterable source is
-    iterated anew for the rest, its first ``count`` items skipped. Keeps ``len`` when the source
-    has one (for progress bars)."""
+    """An iterable read once whose first ``count`` items were already taken (and are kept):
+    iterating gives them back first, then the rest, so a one-shot source (a generator, any
+    iterator) is read once; re-iterable sources (lists, DataLoaders, sample folders) are simply
+    iterated anew. Keeps ``len`` when the source has one (for progress bars)."""
 
     def __init__(self, source: Iterable, count: int = 1) -> None:
         self._source = source
@@ -50,10 +47,9 @@ class Peeked:
         self.first = self.head[0] if self.head else None
 
     def __iter__(self):
-        yield from self.head
-        # lazily: a pass that takes only the first items never starts a new iteration
-        yield from (self._iterator if self._one_shot
-                    else itertools.islice(iter(self._source), len(self.head), None))
+        if not self._one_shot:
+            return iter(self._source)
+        return itertools.chain(self.head, self._iterator)
 
     def __len__(self) -> int:
         return len(self._source)

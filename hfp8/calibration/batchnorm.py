@@ -36,8 +36,7 @@ from hfp8.calibration.batches import calibration_batches, model_device, to_devic
 from hfp8.model_io import batch_size, call_model
 from hfp8.ptq.config import REPORT_ATTRIBUTE
 
-__all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers", "batch_statistics",
-           "measuring_moments"]
+__all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers", "batch_statistics"]
 
 BN_METHODS = ("full", "shift")
 
@@ -136,51 +135,35 @@ def batch_statistics(models: list[nn.Module]):
                 module.train(value)
 
 
-@contextlib.contextmanager
-def measuring_moments(model: nn.Module, moments: dict | None = None):
-    """Within (and within :func:`batch_statistics`): every BatchNorm layer of ``model`` merges
-    each call's batch moments into ``moments[name]``; yields ``moments`` (new accumulators
-    unless given, so a measurement can go on where an earlier one stopped)."""
-    moments = {} if moments is None else moments
+def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[list, int, int]:
+    """One pass; returns per model {bn name: moments}, batches seen and samples seen."""
     handles = []
+    moments = [{} for _ in models]
+    batches = samples = 0
     try:
-        for name, bn in batchnorm_layers(model).items():
-            handles.append(bn.register_forward_hook(moments.setdefault(name, _ChannelMoments())))
-        yield moments
+        with batch_statistics(models):
+            for index, model in enumerate(models):
+                for name, bn in batchnorm_layers(model).items():
+                    moments[index][name] = _ChannelMoments()
+                    handles.append(bn.register_forward_hook(moments[index][name]))
+            devices = [model_device(model) for model in models]
+            with torch.no_grad():
+                for batch in calibration_batches(calibration, num_batches, devices[0],
+                                                 "BatchNorm re-estimation", quiet):
+                    for model, device in zip(models, devices):
+                        try:
+                            call_model(model, to_device(batch, device))
+                        except ValueError as error:
+                            if "more than 1 value per channel" in str(error):
+                                raise ValueError(
+                                    "BatchNorm re-estimation needs more than one value per channel "
+                                    "in each batch (use batches of 2 or more samples)") from None
+                            raise
+                    batches += 1
+                    samples += batch_size(batch)
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _measure(models: list[nn.Module], calibration, num_batches, quiet,
-             reference_head: tuple[dict, int] | None) -> tuple[list, int, int]:
-    """One pass; returns per model {bn name: moments}, batches seen and samples seen. With
-    ``reference_head`` (moments, k), ``models[1]`` starts from those moments and skips the first
-    ``k`` batches."""
-    skip = reference_head[1] if reference_head is not None else 0
-    batches = samples = 0
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(batch_statistics(models))
-        moments = [stack.enter_context(measuring_moments(
-            model, reference_head[0] if index == 1 and reference_head is not None else None))
-            for index, model in enumerate(models)]
-        devices = [model_device(model) for model in models]
-        with torch.no_grad():
-            for batch in calibration_batches(calibration, num_batches, devices[0],
-                                             "BatchNorm re-estimation", quiet):
-                for index, (model, device) in enumerate(zip(models, devices)):
-                    if index == 1 and batches < skip:
-                        continue  # the reference's moments of this batch are already in
-                    try:
-                        call_model(model, to_device(batch, device))
-                    except ValueError as error:
-                        if "more than 1 value per channel" in str(error):
-                            raise ValueError(
-                                "BatchNorm re-estimation needs more than one value per channel "
-                                "in each batch (use batches of 2 or more samples)") from None
-                        raise
-                batches += 1
-                samples += batch_size(batch)
     for index, model in enumerate(models):  # every rank: the moments of all ranks' batches
         for name, bn in batchnorm_layers(model).items():
             moments[index][name].reduce(bn.num_features)
@@ -196,7 +179,6 @@ def recalibrate_batchnorm(
     method: str = "full",
     reference: nn.Module | None = None,
     quiet: bool = False,
-    reference_head: tuple[dict, int] | None = None,
 ) -> dict:
     """Re-estimate the running statistics of every BatchNorm layer of ``model`` in place.
 
@@ -206,10 +188,6 @@ def recalibrate_batchnorm(
     piece of state are restored, also when the pass fails; on failure no statistic changes.
     Non-finite measured statistics (NaN or Inf reached a BatchNorm input) are an error naming
     the layer, and nothing is written.
-    ``reference_head``: ``(moments, k)``, the reference's BatchNorm moments already measured on
-    the first ``k`` batches of ``calibration`` (under :func:`batch_statistics`, with
-    :func:`measuring_moments`; not yet reduced across ranks); the reference then runs on the
-    later batches only (:func:`hfp8.quantize_model` measures them in its analysis pass).
     Returns a report: method, BatchNorm layers updated, batches and samples used, and the layers
     that never ran (left unchanged). On a model from :func:`hfp8.quantize_model` the report also
     replaces the one in its manifest.
@@ -231,8 +209,8 @@ def recalibrate_batchnorm(
             raise ValueError(f"reference model has no BatchNorm layer named {missing[0]!r}")
         models.append(reference)
     with collective.agreed():
-        moments, report["batches"], report["samples"] = _measure(
-            models, calibration, num_batches, quiet, reference_head if method == "shift" else None)
+        moments, report["batches"], report["samples"] = _measure(models, calibration, num_batches,
+                                                                 quiet)
     for index, model_moments in enumerate(moments):  # check every layer before writing any
         for name, measured in model_moments.items():
             if measured.mean is not None and not (torch.isfinite(measured.mean).all()

@@ -2,15 +2,14 @@
 the input biases chosen from what was observed.
 
 A *point* is one place where values get rounded: a quantized layer's input, or one operand of
-an attention product. During the main pass every point's values flow through unrounded and are
-shown to an observer, while BatchNorm layers normalize with batch statistics: activations as the
-re-estimated model will see them. The analysis pass runs the float model the same way and shows
-each quantized layer's input to an observer and to the layer's input-moment accumulator.
+an attention product. During a pass every point's values flow through unrounded and are shown
+to an observer (and, in the analysis pass, to the layer's input-moment accumulator), while
+BatchNorm layers normalize with batch statistics: activations as the re-estimated model will
+see them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 
@@ -19,12 +18,7 @@ from torch import nn
 
 from hfp8.calibration import collective
 from hfp8.calibration.batches import calibration_batches, model_device
-from hfp8.calibration.batchnorm import (
-    batch_statistics,
-    batchnorm_layers,
-    measuring_moments,
-    recalibrate_batchnorm,
-)
+from hfp8.calibration.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
 from hfp8.calibration.input_moments import InputMoments, supports
 from hfp8.calibration.observers import HistogramObserver
 from hfp8.model_io import batch_size, call_model
@@ -65,60 +59,42 @@ class _Seeing:
             self.moments.observe(x)
 
 
-def _observing_inputs(layer: nn.Module, seeing: _Seeing):
-    """A forward pre-hook on a float layer: shows its input (first positional argument, or the
-    first tensor passed by keyword) to ``seeing``."""
-    def hook(module, args, kwargs):
-        value = args[0] if args else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
-        if value is not None:
-            seeing.observe(value)
-    return layer.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def analysis_pass(qmodel: nn.Module, reference: nn.Module, batches, num_batches: int,
-                  with_moments: bool, quiet: bool) -> tuple[dict, dict, tuple[dict, int]]:
-    """A short pass of the float ``reference`` (a private copy of the float model, BatchNorm on
-    batch statistics) over the first ``num_batches`` batches: provisional observers of the
-    inputs of every layer quantized in ``qmodel``, and (``with_moments``) the input second
-    moments of every such Conv1d/2d and Linear layer. The float model's activations differ from
-    the quantized model's by the rounding noise only (~30 dB below), which moves neither second
-    moments nor ranges noticeably, and this pass doubles as the first part of the reference's
-    run in the main pass: it also returns the reference's BatchNorm moments on these batches and
-    their count (``recalibrate_batchnorm``'s ``reference_head``). Nothing in either model
-    changes."""
-    names = list(quantized_layers(qmodel))
-    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(names)
-                 if layer_state(qmodel.get_submodule(name)).input_format is not None}
-    moments = {name: InputMoments(reference.get_submodule(name), seed=index)
-               for index, name in enumerate(names)
-               if with_moments and supports(reference.get_submodule(name))}
-    seen = 0
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(batch_statistics([reference]))
-        bn_moments = stack.enter_context(measuring_moments(reference))
-        for name in names:
-            if name in observers or name in moments:
-                seeing = _Seeing(observers.get(name), moments.get(name))
-                stack.callback(_observing_inputs(reference.get_submodule(name), seeing).remove)
-        device = model_device(reference)
-        with torch.no_grad():
+def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bool,
+                  quiet: bool) -> tuple[dict, dict]:
+    """A short pass over the first ``num_batches`` batches: provisional observers for every
+    point, and (``with_moments``) the input second moments of every quantized Conv1d/2d and
+    Linear layer. Nothing in the model changes."""
+    found = points(qmodel)
+    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
+    moments = {name: InputMoments(layer, seed=index) for index, (name, layer)
+               in enumerate(quantized_layers(qmodel).items()) if with_moments and supports(layer)}
+    states = {name: layer_state(layer) for name, layer in quantized_layers(qmodel).items()}
+    try:
+        for name, state in states.items():
+            state.observer = _Seeing(observers.get(name), moments.get(name))
+        for name, point in found.items():
+            if name not in states:
+                point[3](observers[name])
+        device = model_device(qmodel)
+        with batch_statistics([qmodel]), torch.no_grad():
             for batch in calibration_batches(batches, num_batches, device,
                                              "Second moments and sensitivity data", quiet):
-                call_model(reference, batch)
-                seen += 1
+                call_model(qmodel, batch)
+    finally:
+        for state in states.values():
+            state.observer = None
+        for point in found.values():
+            point[3](None)
     for observer in observers.values():  # every rank: what all ranks' batches showed
         observer.reduce()
     for accumulated in moments.values():
         accumulated.reduce()
-    return observers, moments, (bn_moments, seen)
+    return observers, moments
 
 
-def calibration_pass(qmodel, model, calibration, config, quiet, reference=None,
-                     reference_head=None):
+def calibration_pass(qmodel, model, calibration, config, quiet):
     """The main pass: BN statistics (if asked) and observers. Returns the observers, the BN
-    report and the number of samples seen. ``reference``: a private copy of the float model for
-    the "shift" method (one is made if not given); ``reference_head``: its BatchNorm moments on
-    the first batches, from :func:`analysis_pass`."""
+    report and the number of samples seen."""
     found = points(qmodel) if config.activation_format is not None else {}
     has_bn = bool(batchnorm_layers(model)) and config.bn_recalibration != "none"
     observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
@@ -131,9 +107,7 @@ def calibration_pass(qmodel, model, calibration, config, quiet, reference=None,
                 qmodel, calibration, config.num_calibration_batches,
                 method=config.bn_recalibration, quiet=quiet,
                 # a private copy: even temporary flag changes never touch the caller's model
-                reference=(reference if reference is not None else copy.deepcopy(model))
-                if config.bn_recalibration == "shift" else None,
-                reference_head=_usable(reference_head, config.num_calibration_batches))
+                reference=copy.deepcopy(model) if config.bn_recalibration == "shift" else None)
             samples = bn_report["samples"]
         elif observers:
             device = model_device(qmodel)
@@ -150,14 +124,6 @@ def calibration_pass(qmodel, model, calibration, config, quiet, reference=None,
     if bn_report is None:
         samples = int(collective.all_reduce(torch.tensor(samples, dtype=torch.int64)))
     return observers, bn_report, samples
-
-
-def _usable(reference_head, num_batches):
-    """The analysis pass's reference moments, unless they cover batches the main pass will not
-    see (fewer calibration batches than analysis batches)."""
-    if reference_head is None or (num_batches is not None and reference_head[1] > num_batches):
-        return None
-    return reference_head
 
 
 def refuse_non_finite(observers: dict) -> None:

@@ -8,11 +8,8 @@ The data flow, in this order, and why:
    (:mod:`hfp8.ptq.quantizers`): the model keeps its classes and forward code.
 1. **Weights, round to nearest** (no data needed): each Conv/Linear weight with its own
    exponent bias, chosen from the weight itself (per tensor or per output channel).
-2. **Analysis pass** over the first ``analysis_batches`` batches (:mod:`hfp8.ptq.calibrate`),
-   on a private copy of the float model with BatchNorm on batch statistics: each quantized
-   layer's input second moments and provisional input ranges, and the float model's BatchNorm
-   moments on these batches, which the "shift" re-estimation of step 4 needs anyway (so the
-   float model runs once over each batch in all, not twice).
+2. **Analysis pass** over the first ``analysis_batches`` batches (:mod:`hfp8.ptq.calibrate`):
+   each layer's input second moments and provisional input ranges.
 3. **Refinement** (:mod:`hfp8.ptq.refinement`): weights re-rounded onto the same grid with error
    compensation under those moments; then every layer's effect on the output estimated (one
    forward and one backward pass) and the most harmful ones kept float within the budget.
@@ -27,10 +24,6 @@ The data flow, in this order, and why:
    exist yet, and rounding adds nearly zero-mean noise of about 2^-4 of each value, which barely
    moves BN statistics.
 5. **Input (activation) biases**, chosen from the observers; BN statistics written.
-
-With ``bn_recalibration="shift"`` the float reference runs beside the quantized model in step 4
-on the batches after the analysis batches only; every pass sees the same first batches (see
-:class:`hfp8.calibration.batches.Peeked`), so the two models' statistics cover the same samples.
 
 One main pass instead of two (statistics first, then ranges under the final statistics):
 measured on ImageNet MobileNetV2 with 128 calibration crops, the two-pass order gave the same
@@ -183,12 +176,8 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
     layer_plan, site_plan = plan_quantization(qmodel, config, probe)
     weight_summaries = _quantize_weights(qmodel, layer_plan, config)
     _attach_sites(qmodel, site_plan, probe, config)
-    # a private float copy, shared by the analysis pass and BN "shift": even temporary flag
-    # changes never touch the caller's model
-    reference = copy.deepcopy(model).eval()
-    sensitivity, reference_head = _refine(qmodel, model, reference, batches, config, quiet)
-    observers, bn_report, samples = calibration_pass(qmodel, model, batches, config, quiet,
-                                                     reference, reference_head)
+    sensitivity = _refine(qmodel, model, batches, config, quiet)
+    observers, bn_report, samples = calibration_pass(qmodel, model, batches, config, quiet)
     summaries = choose_input_biases(qmodel, observers, config)
     kept = {name: reason for name, reason in layer_plan.items() if reason is not None}
     for name, entry in sensitivity.items():
@@ -215,21 +204,17 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
     return qmodel.eval()
 
 
-def _refine(qmodel, model, reference, batches, config: QuantConfig, quiet: bool):
-    """Analysis pass, compensated weight rounding, sensitive layers back to float. Returns the
-    sensitivity report and the reference's BatchNorm moments on the analysis batches (None
-    without an analysis pass)."""
+def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool) -> dict:
+    """Analysis pass, compensated weight rounding, sensitive layers back to float."""
     compensate = config.weight_rounding == "compensated" and config.weight_format is not None
     select = config.float_budget > 0 or config.target_sqnr_db is not None
     if not quantized_layers(qmodel) or not (compensate or select):
-        return {}, None
-    observers, moments, reference_head = analysis_pass(
-        qmodel, reference, batches, config.analysis_batches, compensate, quiet)
+        return {}
+    observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, compensate, quiet)
     refuse_non_finite(observers)  # before the moments feed the weights
     if compensate:
         compensate_weights(qmodel, model, moments)
     if not select:
-        return {}, reference_head
+        return {}
     choose_input_biases(qmodel, observers, config, warn=False)  # provisional, for the estimate
-    return keep_sensitive_layers_float(qmodel, model, batches, config, batches.first,
-                                       quiet), reference_head
+    return keep_sensitive_layers_float(qmodel, model, batches, config, batches.first, quiet)
