@@ -39,7 +39,7 @@ def _rows(layer: nn.Module, x: torch.Tensor, limit: int, generator: torch.Genera
     """``(groups, rows, d)``: at most ``limit`` input rows of one call, chosen at random. For a
     convolution only the chosen patches are gathered, tap by tap, straight from the input:
     neither a padded copy nor the unfolded input is ever made (a zero-padded tap reads a
-    clamped position and is multiplied by 0)."""
+    clamped position and is set to 0)."""
     if isinstance(layer, nn.Linear):
         flat = x.reshape(-1, x.shape[-1])
         pick = _pick(flat.shape[0], limit, generator)

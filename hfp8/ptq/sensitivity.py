@@ -95,7 +95,10 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
             noise = torch.randn(leaf.shape, generator=generator).to(leaf.device)
             projection = projection + (noise * leaf).sum() / rms
         inputs = [scales[n] for n in names if n in scales]
-        gradients = torch.autograd.grad(projection, inputs, allow_unused=True)
+        if torch.is_tensor(projection) and projection.requires_grad:
+            gradients = torch.autograd.grad(projection, inputs, allow_unused=True)
+        else:  # no output depends on a quantized layer (their results were discarded)
+            gradients = [None] * len(inputs)
         for name, gradient in zip([n for n in names if n in scales], gradients):
             if gradient is not None:
                 totals[name] += float(gradient.double().square().sum())

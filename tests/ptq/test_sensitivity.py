@@ -121,3 +121,25 @@ def test_budget_in_multiply_accumulates_and_target_through_the_config():
         hfp8.QuantConfig(float_budget=1.5)
     with pytest.raises(ValueError, match="budget_unit"):
         hfp8.QuantConfig(budget_unit="flops")
+
+
+def test_layers_whose_results_are_discarded_cause_no_predicted_error():
+    """A quantized branch whose output the model computes and throws away: no output depends
+    on it, so its predicted harm is 0 (and the estimate does not fail for lack of a gradient)."""
+    class Discarding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.stem(x)
+            self.branch(y)  # computed, discarded
+            return self.head(y.mean((2, 3)))
+    torch.manual_seed(0)
+    qmodel = hfp8.quantize_model(Discarding().eval(), [torch.randn(4, 3, 8, 8) for _ in range(3)],
+                                 quiet=True)
+    entries = hfp8.manifest(qmodel)["sensitivity"]
+    assert [entry["name"] for entry in entries] == ["branch.0", "branch.1"]
+    assert all(entry["nsr"] == 0.0 and not entry["float"] for entry in entries)
