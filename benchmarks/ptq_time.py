@@ -1,11 +1,13 @@
 """What each PTQ default costs in time, as a ratio to one FP32 forward pass over the calibration
 set, measured side by side (interleaved, median of ``--repeats`` runs) in one process.
 
-    python benchmarks/ptq_time.py [--model mobilenet_v2|efficientnet_lite2|both] [--repeats 3]
+    python benchmarks/ptq_time.py [--model mobilenet_v2|efficientnet_lite2|both] [--repeats 3] [--steps]
 
 Rows: the default (BN shift + compensated rounding + 1% float budget), without the budget
 (no sensitivity estimate), with rounding to nearest (no analysis pass), and the plain BN-shift
-pipeline (neither). Same 256 calibration crops as the accuracy tables, 2 threads.
+pipeline (neither). Same 256 calibration crops as the accuracy tables, 2 threads. ``--steps``
+also times each step of the default inside quantize_model (median over the repeats, as a ratio
+to the float pass).
 """
 
 from __future__ import annotations
@@ -22,7 +24,27 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "gallery")]
 
 import hfp8  # noqa: E402
+from hfp8.ptq import refinement, transform  # noqa: E402
 from photos import photo_crops  # noqa: E402
+
+STEPS = {transform: ("analysis_pass", "compensate_weights", "choose_input_biases",
+                     "calibration_pass"), refinement: ("layer_sensitivity",)}
+
+
+def time_steps(seconds: dict) -> None:
+    """Wraps each step's function so that its time adds to ``seconds[name]`` (this process
+    only: a benchmark, not the library)."""
+    for module, names in STEPS.items():
+        for name in names:
+            function = getattr(module, name)
+
+            def timed(*args, _function=function, _name=name, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _function(*args, **kwargs)
+                finally:
+                    seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+            setattr(module, name, timed)
 
 C = hfp8.QuantConfig
 ROWS = {
@@ -53,23 +75,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="both", choices=("mobilenet_v2", "efficientnet_lite2", "both"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", action="store_true", help="time each step of the default")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    seconds: dict = {}
+    if args.steps:
+        time_steps(seconds)
     for name in (("mobilenet_v2", "efficientnet_lite2") if args.model == "both" else (args.model,)):
         model, size = load(name)
         batches = list(photo_crops("calibration", 256, seed=0, size=size).split(32))
         times = {"float": [], **{label: [] for label in ROWS}}
+        steps: dict = {}
         for _ in range(args.repeats):
             times["float"].append(float_pass(model, batches))
             for label, config in ROWS.items():
+                seconds.clear()
                 start = time.perf_counter()
                 hfp8.quantize_model(model, batches, config, quiet=True)
                 times[label].append(time.perf_counter() - start)
+                if config == hfp8.QuantConfig():
+                    for step, spent in seconds.items():
+                        steps.setdefault(step, []).append(spent)
         unit = statistics.median(times["float"])
         print(f"{name}: one FP32 pass over 256 crops {unit:.1f} s (median of {args.repeats})")
         for label in ROWS:
-            seconds = statistics.median(times[label])
-            print(f"  {label:48s} {seconds:6.1f} s  {seconds / unit:5.2f}x", flush=True)
+            median = statistics.median(times[label])
+            print(f"  {label:48s} {median:6.1f} s  {median / unit:5.2f}x", flush=True)
+        for step, spent in steps.items():
+            print(f"  default, step {step:34s} {statistics.median(spent) / unit:5.2f}x")
 
 
 if __name__ == "__main__":
