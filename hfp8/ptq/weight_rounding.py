@@ -102,7 +102,9 @@ def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat) -> list[t
         works, factors, biases = [], [], []
         for i, (groups, rows) in zip(indices, shapes):
             weight, hessian, exponent_bias = problems[i]
-            work = weight.detach().double().reshape(groups, rows, inputs).cpu()
+            # a copy: dead columns are zeroed in it (a float64 weight would otherwise be
+            # the caller's own tensor)
+            work = weight.detach().double().reshape(groups, rows, inputs).cpu().clone()
             factors.append(_inverse_factor(hessian.double().cpu(), work))
             row_bias = _row_biases(exponent_bias, groups, rows)
             pad = padded_rows - rows

@@ -78,6 +78,21 @@ def test_many_layers_at_once_equal_one_at_a_time():
         assert torch.equal(_torch_e4m3(result, bias), result)  # on the grid
 
 
+def test_the_weight_passed_in_is_never_modified_even_in_float64():
+    """Inputs that never vary get weight 0 in the result; the caller's tensor (float64 here,
+    which conversion would not copy) keeps its values."""
+    torch.manual_seed(2)
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    before = weight.clone()
+    x = torch.randn(50, 6)
+    x[:, 2] = 0.0  # an input that never varies: H_22 = 0
+    moments = InputMoments(nn.Linear(6, 4))
+    moments.observe(x)
+    rounded = compensated_rounding(weight, moments.hessian(), hfp8.E4M3, 7)
+    assert torch.equal(weight, before)
+    assert (rounded[:, 2] == 0).all()
+
+
 def test_near_cancelling_taps_before_a_low_variance_batchnorm():
     """The MobileNetV2 story, planted: depthwise 3x3 edge detectors whose taps cancel exactly on
     flat regions, so the float output is almost constant and BatchNorm's running variance is
