@@ -226,11 +226,7 @@ def fake_quantize_per_channel(
         )
     if biases.numel() == 0:
         return _finish(x, x.detach().clone())
-    # Validate the extremes: every bias in between then also fits float32.
-    low, high = int(biases.min()), int(biases.max())
-    low_fmt, high_fmt = fmt.with_bias(low), fmt.with_bias(high)
-    exponents = (1 - high, _top_exponent(low_fmt))
-    compute = _compute_dtype(x.dtype, fmt.mantissa_bits, exponents)
+    compute = _compute_dtype_for_biases(x.dtype, fmt, biases)
     shape = [1] * x.dim()
     shape[axis] = -1
     min_normal, max_finite = (bound.reshape(shape).to(x.device)
@@ -239,6 +235,13 @@ def fake_quantize_per_channel(
         source = x.detach().to(compute).contiguous()
         result = _round(source, fmt.mantissa_bits, min_normal, max_finite, rounding, generator)
     return _finish(x, result)
+
+
+def _compute_dtype_for_biases(dtype: torch.dtype, fmt: FloatFormat, biases: torch.Tensor):
+    """:func:`_compute_dtype` for rounding at every bias in ``biases`` (CPU, int64): the extremes
+    decide (every bias in between then also fits)."""
+    low, high = int(biases.min()), int(biases.max())
+    return _compute_dtype(dtype, fmt.mantissa_bits, (1 - high, _top_exponent(fmt.with_bias(low))))
 
 
 def _grid_bounds(fmt: FloatFormat, biases: torch.Tensor, dtype: torch.dtype):
@@ -262,10 +265,9 @@ def nearest_rounder(fmt: FloatFormat, exponent_bias: torch.Tensor,
     biases = torch.as_tensor(exponent_bias)
     device = biases.device
     biases = biases.detach().to("cpu", torch.int64)
-    low, high = int(biases.min()), int(biases.max())
-    exponents = (1 - high, _top_exponent(fmt.with_bias(low)))
-    if _compute_dtype(dtype, fmt.mantissa_bits, exponents) != dtype:
-        raise ValueError(f"{fmt} at biases {low}..{high} needs float64 to round exactly")
+    if _compute_dtype_for_biases(dtype, fmt, biases) != dtype:
+        raise ValueError(f"{fmt} at biases {int(biases.min())}..{int(biases.max())} needs float64 "
+                         "to round exactly")
     min_normal, max_finite = (bound.to(device) for bound in _grid_bounds(fmt, biases, dtype))
     result, scratch, sums = (torch.empty(biases.shape, dtype=dtype, device=device)
                              for _ in range(3))

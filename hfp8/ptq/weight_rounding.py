@@ -88,19 +88,18 @@ def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat) -> list[t
     column, and a network has many layers of few distinct widths. The results equal those of one
     call per weight up to float64 summation order in the block updates."""
     results: list[torch.Tensor | None] = [None] * len(problems)
-    by_width: dict[int, list[int]] = {}
+    by_width: dict[int, list[tuple[int, int, int]]] = {}  # d -> (index, groups, rows)
     for index, (weight, hessian, _) in enumerate(problems):
         groups, inputs = hessian.shape[0], hessian.shape[1]
-        if weight.numel() != groups * (weight.shape[0] // groups) * inputs:
+        rows = weight.shape[0] // groups
+        if weight.numel() != groups * rows * inputs:
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not match moments of "
                              f"shape {tuple(hessian.shape)}")
-        by_width.setdefault(inputs, []).append(index)
-    for inputs, indices in by_width.items():
-        shapes = [(problems[i][1].shape[0], problems[i][0].shape[0] // problems[i][1].shape[0])
-                  for i in indices]
-        padded_rows = max(rows for _, rows in shapes)
+        by_width.setdefault(inputs, []).append((index, groups, rows))
+    for inputs, shapes in by_width.items():
+        padded_rows = max(rows for _, _, rows in shapes)
         works, factors, biases = [], [], []
-        for i, (groups, rows) in zip(indices, shapes):
+        for i, groups, rows in shapes:
             weight, hessian, exponent_bias = problems[i]
             # a copy: dead columns are zeroed in it (a float64 weight would otherwise be
             # the caller's own tensor)
@@ -113,7 +112,7 @@ def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat) -> list[t
         rounded = _round_columns(torch.cat(works), torch.cat(factors),
                                  nearest_rounder(fmt, torch.cat(biases)))
         offset = 0
-        for i, (groups, rows) in zip(indices, shapes):
+        for i, groups, rows in shapes:
             weight = problems[i][0]
             mine = rounded[offset:offset + groups, :rows]
             results[i] = mine.reshape(weight.shape).to(weight.device, weight.dtype)
