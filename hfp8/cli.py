@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the model's BatchNorm statistics as they are")
     fmt.add_argument("--bn-method", choices=("shift", "full"), default="shift",
                      help="BN re-estimation: shift (default; robust with few samples) or full")
+    fmt.add_argument("--bn-shift-stride", type=int, default=2, metavar="K",
+                     help="measure the BN shift on every K-th calibration batch, where the float "
+                          "model runs beside the quantized one (default 2; 1 = every batch)")
     fmt.add_argument("--weight-rounding", choices=("compensated", "nearest"), default="compensated",
                      help="compensated (default: error-compensating rounding onto the same FP8 "
                           "grid) or nearest")

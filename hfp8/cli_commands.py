@@ -50,7 +50,8 @@ def _config(args) -> hfp8.QuantConfig:
         include=tuple(args.include), quantize_attention=not args.no_attention,
         bn_recalibration="none" if args.no_bn_recalibration else args.bn_method,
         weight_rounding=args.weight_rounding, float_budget=args.float_budget,
-        budget_unit=args.budget_unit, target_sqnr_db=args.target_sqnr)
+        budget_unit=args.budget_unit, target_sqnr_db=args.target_sqnr,
+        bn_shift_stride=args.bn_shift_stride)
 
 
 def _check_plot(args, inputs_: list) -> None:

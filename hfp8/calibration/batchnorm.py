@@ -60,8 +60,11 @@ class _ChannelMoments:
         self.count = 0
         self.mean = None
         self.m2 = None
+        self.enabled = True  # off: the call is not counted (a batch run for its hooks only)
 
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        if not self.enabled:
+            return
         x = args[0]
         batch_count = x.numel() // x.shape[1]
         batch_mean = module.running_mean.double()
@@ -135,11 +138,17 @@ def batch_statistics(models: list[nn.Module]):
                 module.train(value)
 
 
-def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[list, int, int]:
-    """One pass; returns per model {bn name: moments}, batches seen and samples seen."""
+def _measure(models: list[nn.Module], calibration, num_batches, quiet,
+             measure_every: int) -> tuple[list, dict]:
+    """One pass; returns per model {bn name: moments} and the counts: batches and samples run
+    (``models[0]`` runs every batch), and those measured (batch 0, then every
+    ``measure_every``-th: the only ones the other models run on). With a process group, batch
+    ``i`` of rank ``r`` counts as batch ``i * world + r`` of the union: the round-robin order
+    in which SampleFolder shards, so that ranks measure what one process would."""
+    rank, world = collective.world()
     handles = []
     moments = [{} for _ in models]
-    batches = samples = 0
+    counts = torch.zeros(4, dtype=torch.int64)  # batches, samples, measured batches, samples
     try:
         with batch_statistics(models):
             for index, model in enumerate(models):
@@ -148,9 +157,12 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[
                     handles.append(bn.register_forward_hook(moments[index][name]))
             devices = [model_device(model) for model in models]
             with torch.no_grad():
-                for batch in calibration_batches(calibration, num_batches, devices[0],
-                                                 "BatchNorm re-estimation", quiet):
-                    for model, device in zip(models, devices):
+                for step, batch in enumerate(calibration_batches(
+                        calibration, num_batches, devices[0], "BatchNorm re-estimation", quiet)):
+                    measured = (step * world + rank) % measure_every == 0
+                    for hook in moments[0].values():
+                        hook.enabled = measured
+                    for model, device in zip(models if measured else models[:1], devices):
                         try:
                             call_model(model, to_device(batch, device))
                         except ValueError as error:
@@ -159,16 +171,17 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet) -> tuple[
                                     "BatchNorm re-estimation needs more than one value per channel "
                                     "in each batch (use batches of 2 or more samples)") from None
                             raise
-                    batches += 1
-                    samples += batch_size(batch)
+                    size = batch_size(batch)
+                    counts += torch.tensor([1, size, int(measured), size * int(measured)])
     finally:
         for handle in handles:
             handle.remove()
     for index, model in enumerate(models):  # every rank: the moments of all ranks' batches
         for name, bn in batchnorm_layers(model).items():
             moments[index][name].reduce(bn.num_features)
-    counts = collective.all_reduce(torch.tensor([batches, samples], dtype=torch.int64))
-    return moments, int(counts[0]), int(counts[1])
+    counts = collective.all_reduce(counts)
+    return moments, dict(zip(("batches", "samples", "measured_batches", "measured_samples"),
+                             (int(c) for c in counts)))
 
 
 def recalibrate_batchnorm(
@@ -179,24 +192,33 @@ def recalibrate_batchnorm(
     method: str = "full",
     reference: nn.Module | None = None,
     quiet: bool = False,
+    measure_every: int = 1,
 ) -> dict:
     """Re-estimate the running statistics of every BatchNorm layer of ``model`` in place.
 
     ``calibration``: an iterable of input batches (tensors or ``(inputs, ...)`` tuples); at most
     ``num_batches`` are used. ``method="shift"`` needs ``reference``, the float model with the
-    same BatchNorm layer names (see the module docstring). Train/eval flags and every other
+    same BatchNorm layer names (see the module docstring). ``measure_every=k`` measures the
+    statistics on batch 0 and every k-th batch after it only, and runs ``reference`` on those
+    only: ``model`` still runs every batch (normalizing with batch statistics), so that hooks of
+    the caller (:func:`hfp8.quantize_model`'s range observers) see all of them at about half the
+    cost of the float reference with ``k=2``. Sharded (torch.distributed), batch ``i`` of rank
+    ``r`` counts as batch ``i * world + r``: the round-robin order of
+    :class:`hfp8.calibration.SampleFolder`'s shards. Train/eval flags and every other
     piece of state are restored, also when the pass fails; on failure no statistic changes.
     Non-finite measured statistics (NaN or Inf reached a BatchNorm input) are an error naming
     the layer, and nothing is written.
-    Returns a report: method, BatchNorm layers updated, batches and samples used, and the layers
-    that never ran (left unchanged). On a model from :func:`hfp8.quantize_model` the report also
+    Returns a report: method, BatchNorm layers updated, batches and samples run, those measured,
+    and the layers that never ran (left unchanged). On a model from :func:`hfp8.quantize_model` the report also
     replaces the one in its manifest.
     """
     if method not in BN_METHODS:
         raise ValueError(f"method must be one of {BN_METHODS}, got {method!r}")
+    if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
+        raise ValueError(f"measure_every must be a positive int, got {measure_every!r}")
     layers = batchnorm_layers(model)
     report = {"method": method, "batchnorm_layers": len(layers), "batches": 0, "samples": 0,
-              "not_reached": []}
+              "measured_batches": 0, "measured_samples": 0, "not_reached": []}
     if not layers:
         return report
     models, reference_layers = [model], {}
@@ -209,8 +231,8 @@ def recalibrate_batchnorm(
             raise ValueError(f"reference model has no BatchNorm layer named {missing[0]!r}")
         models.append(reference)
     with collective.agreed():
-        moments, report["batches"], report["samples"] = _measure(models, calibration, num_batches,
-                                                                 quiet)
+        moments, counts = _measure(models, calibration, num_batches, quiet, measure_every)
+    report.update(counts)
     for index, model_moments in enumerate(moments):  # check every layer before writing any
         for name, measured in model_moments.items():
             if measured.mean is not None and not (torch.isfinite(measured.mean).all()

@@ -107,7 +107,8 @@ def calibration_pass(qmodel, model, calibration, config, quiet):
                 qmodel, calibration, config.num_calibration_batches,
                 method=config.bn_recalibration, quiet=quiet,
                 # a private copy: even temporary flag changes never touch the caller's model
-                reference=copy.deepcopy(model) if config.bn_recalibration == "shift" else None)
+                reference=copy.deepcopy(model) if config.bn_recalibration == "shift" else None,
+                measure_every=config.bn_shift_stride if config.bn_recalibration == "shift" else 1)
             samples = bn_report["samples"]
         elif observers:
             device = model_device(qmodel)

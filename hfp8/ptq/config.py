@@ -60,6 +60,11 @@ class QuantConfig:
             reaches this (``None``: spend the budget).
         analysis_batches: calibration batches (the first ones) used for the input second
             moments and the sensitivity estimate.
+        bn_shift_stride: with ``bn_recalibration="shift"``, the shift is measured on batch 0
+            and every ``bn_shift_stride``-th batch after it, where the float reference runs
+            beside the quantized model; input ranges are still observed on every batch. The
+            shift is a difference of two models on the same samples, so half of them estimate it
+            about as well (see README) at about half the reference's cost; 1 measures on all.
     """
 
     weight_format: FloatFormat | None = E4M3
@@ -78,6 +83,7 @@ class QuantConfig:
     budget_unit: str = "weights"
     target_sqnr_db: float | None = None
     analysis_batches: int = 2
+    bn_shift_stride: int = 2
 
     def __post_init__(self) -> None:
         for name in ("weight_format", "activation_format"):
@@ -97,9 +103,10 @@ class QuantConfig:
         if self.target_sqnr_db is not None and (isinstance(self.target_sqnr_db, bool) or not
                                                 isinstance(self.target_sqnr_db, (int, float))):
             raise TypeError(f"target_sqnr_db must be a number or None, got {self.target_sqnr_db!r}")
-        if isinstance(self.analysis_batches, bool) or not isinstance(self.analysis_batches, int) \
-                or self.analysis_batches < 1:
-            raise ValueError(f"analysis_batches must be a positive int, got {self.analysis_batches!r}")
+        for name in ("analysis_batches", "bn_shift_stride"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("exclude", "include"):
             patterns = getattr(self, name)
             if isinstance(patterns, str):

@@ -162,3 +162,41 @@ def test_models_without_batchnorm_and_errors():
         hfp8.recalibrate_batchnorm(model, [torch.randn(4, 3)], method="shift", quiet=True)
     with pytest.raises(ValueError, match="method"):
         hfp8.recalibrate_batchnorm(model, [torch.randn(4, 3)], method="ema", quiet=True)
+
+
+def test_measure_every_measures_the_shift_on_every_kth_batch_only():
+    # the shift of batches 0, 2 and 4, computed directly; the model still runs all five
+    torch.manual_seed(5)
+    reference = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        reference[1].running_var.fill_(3.0)
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    batches = [torch.randn(n, 2, 6, 6) + index for index, n in enumerate((8, 5, 6, 7, 3))]
+    seen = {"model": [], "reference": []}
+    model[0].register_forward_hook(lambda m, a, o: seen["model"].append(a[0].shape[0]))
+    reference[0].register_forward_hook(lambda m, a, o: seen["reference"].append(a[0].shape[0]))
+    report = hfp8.recalibrate_batchnorm(model, batches, method="shift", reference=reference,
+                                        measure_every=2, quiet=True)
+    assert seen == {"model": [8, 5, 6, 7, 3], "reference": [8, 6, 3]}
+    assert (report["batches"], report["samples"]) == (5, 29)
+    assert (report["measured_batches"], report["measured_samples"]) == (3, 17)
+    with torch.no_grad():
+        x = torch.cat(batches[::2])
+        a = reference[0](x).transpose(0, 1).reshape(4, -1).double()
+        b = model[0](x).transpose(0, 1).reshape(4, -1).double()
+    base = reference[1]
+    torch.testing.assert_close(model[1].running_mean.double(),
+                               base.running_mean.double() + b.mean(1) - a.mean(1),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var.double(),
+                               (base.running_var.double() + b.var(1) - a.var(1)).clamp_min(0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_measure_every_must_be_a_positive_int():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="measure_every"):
+            hfp8.recalibrate_batchnorm(model, [torch.randn(4, 3)], measure_every=bad, quiet=True)
