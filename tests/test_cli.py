@@ -351,3 +351,16 @@ def test_float_budget_out_of_range_is_a_usage_error(quantized):
     result = run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS, "-o", "never.pt",
                  "--float-budget", "2", cwd=folder)
     _assert_input_error(result, "float", leftovers=[folder / "never.pt"])
+
+
+def test_bn_shift_stride_through_the_command_line(quantized):
+    folder, default = quantized  # 128 samples in batches of 32: the shift measured on 0 and 2
+    assert "from 128 samples (the shift measured on 64 of them" in default.stdout
+    result = run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS, "-o", "never.pt",
+                 "--bn-shift-stride", "0", cwd=folder)
+    _assert_input_error(result, "bn_shift_stride", leftovers=[folder / "never.pt"])
+    every = json.loads(run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS,
+                           "-o", "every.pt", "--bn-shift-stride", "1", "--batch-size", "32",
+                           "--json", "--quiet", cwd=folder, check_code=0).stdout)
+    batchnorm = every["manifest"]["batchnorm"]
+    assert batchnorm["measured_samples"] == batchnorm["samples"] == 128

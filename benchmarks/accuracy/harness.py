@@ -3,13 +3,15 @@
 Every row quantizes the same FP32 model with the same calibration batches and is evaluated on
 the same evaluation batches, in one process, so the numbers compare directly. Wall times of the
 PTQ step are measured in the same run; "time / ours" divides by the time of our default PTQ, and
-"time / float pass" by one FP32 forward pass over the calibration set, timed first.
+"time / float pass" by one FP32 forward pass over the calibration set (the median of passes
+timed before every row).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -105,13 +107,14 @@ def run(rows: list[Row], model: nn.Module, calibration: list[torch.Tensor],
         evaluate: Callable[[torch.Tensor], dict], peers: dict[str, Callable] | None = None,
         default_label: str = DEFAULT) -> list[dict]:
     """Builds and evaluates every row (and every peer); prints one line per row as it goes.
-    Each row's PTQ time is also given over one FP32 pass on the calibration set, timed first."""
-    float_seconds = float_pass_seconds(model, calibration)
-    print(f"one FP32 forward pass over the calibration set: {float_seconds:.1f} s")
-    results = []
+    Each row's PTQ time is also given over one FP32 pass on the calibration set: a pass is timed
+    right before every row, and the unit is the median of all of them (one pass on this shared
+    machine varies by tens of percent; the line of each row shows the pass before it)."""
+    results, passes = [], []
     jobs = [(row.label, row.build, "hfp8") for row in rows]
     jobs += [(f"peer: {name}", build, name) for name, build in (peers or {}).items()]
     for label, build, source in jobs:
+        passes.append(float_pass_seconds(model, calibration))
         start = time.perf_counter()
         try:
             built = build(model, calibration)
@@ -122,13 +125,18 @@ def run(rows: list[Row], model: nn.Module, calibration: list[torch.Tensor],
             continue
         seconds = getattr(built, "peer_ptq_seconds", None) or time.perf_counter() - start
         metrics = evaluate(built)
-        results.append({"label": label, "source": source, "ptq_seconds": seconds,
-                        "time_vs_float_pass": seconds / float_seconds, **metrics})
+        results.append({"label": label, "source": source, "ptq_seconds": seconds, **metrics})
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        print(f"{label:52s} {shown}  PTQ {seconds:6.1f} s ({seconds / float_seconds:.2f}x)",
+        print(f"{label:52s} {shown}  PTQ {seconds:6.1f} s (float pass before it {passes[-1]:.1f} s)",
               flush=True)
+    float_seconds = statistics.median(passes)
+    print(f"one FP32 forward pass over the calibration set: {float_seconds:.1f} s (median of "
+          f"{len(passes)}, from {min(passes):.1f} to {max(passes):.1f} s)")
     default = next((r for r in results if r["label"] == default_label), None)
     for result in results:
+        if "ptq_seconds" in result:
+            result["time_vs_float_pass"] = result["ptq_seconds"] / float_seconds
+            print(f"  {result['label']:52s} PTQ {result['time_vs_float_pass']:5.2f}x float pass")
         if default and "ptq_seconds" in result:
             result["time_vs_ours"] = result["ptq_seconds"] / default["ptq_seconds"]
     return results

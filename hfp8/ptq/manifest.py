@@ -160,6 +160,9 @@ def format_manifest(data: dict) -> str:
     if bn:
         lines.append(f"BatchNorm: {bn['batchnorm_layers']} layers re-estimated ({bn['method']}) "
                      f"from {bn['samples']} samples"
+                     + (f" (the shift measured on {bn['measured_samples']} of them, beside the "
+                        "float model)" if bn.get("measured_samples", bn["samples"]) != bn["samples"]
+                        else "")
                      + (f"; never reached: {', '.join(bn['not_reached'])}" if bn["not_reached"] else ""))
     header = ("layer", "type", "weight", "input", "w flushed", "saturated", "flushed", "SQNR dB",
               "pred. dB", "note")

@@ -22,7 +22,8 @@ The data flow, in this order, and why:
    stale statistics would (a channel whose running variance was near zero can blow up by orders
    of magnitude until re-estimated). Inputs are not rounded during the pass: their biases do not
    exist yet, and rounding adds nearly zero-mean noise of about 2^-4 of each value, which barely
-   moves BN statistics.
+   moves BN statistics. The float reference of the "shift" runs on every
+   ``config.bn_shift_stride``-th batch only, where the shift is measured.
 5. **Input (activation) biases**, chosen from the observers; BN statistics written.
 
 One main pass instead of two (statistics first, then ranges under the final statistics):

@@ -243,3 +243,15 @@ def test_calibrating_on_ten_times_more_samples_does_not_raise_peak_memory():
     small, large = peak_kib(4), peak_kib(40)
     # 10x the data must not cost more than 16 MiB more peak memory (in practice: noise).
     assert large - small < 16 * 1024, (small, large)
+
+
+def test_bn_shift_stride_measures_the_shift_on_every_kth_batch_and_is_validated():
+    model = trained("cnn")
+    for stride, measured in ((2, 2), (1, 3), (3, 1)):  # 3 batches: 0 and 2 / all / 0
+        qmodel = hfp8.quantize_model(model, calibration_batches(3),
+                                     hfp8.QuantConfig(bn_shift_stride=stride), quiet=True)
+        report = hfp8.manifest(qmodel)["batchnorm"]
+        assert report["batches"] == 3 and report["measured_batches"] == measured, report
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="bn_shift_stride must be a positive int"):
+            hfp8.QuantConfig(bn_shift_stride=bad)
