@@ -19,23 +19,16 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "gallery")]
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from harness import float_pass_seconds, logits_of  # noqa: E402
 from photos import photo_crops  # noqa: E402
+from ptq_time import load  # noqa: E402  (the same two models at the same input sizes)
 
 import hfp8  # noqa: E402
 from hfp8.evaluation import fidelity  # noqa: E402
 
 STRIDES = (1, 2, 4)
-
-
-def load(name):
-    if name == "mobilenet_v2":
-        from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2
-        return mobilenet_v2(weights=imagenet_mobilenet_v2_weights_path()).eval(), 224
-    from real_models import load_efficientnet_lite2
-    return load_efficientnet_lite2(), 260
 
 
 def main() -> None:

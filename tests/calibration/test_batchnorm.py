@@ -101,15 +101,36 @@ def test_dropout_stays_off_during_the_pass():
     torch.testing.assert_close(model[2].running_mean.double(), expected.mean(0), rtol=1e-6, atol=1e-7)
 
 
-def test_shift_method_adds_the_quantization_shift_to_the_reference_statistics():
-    torch.manual_seed(3)
+def _conv_bn_pair(running_var, weight_shift, running_mean=None):
+    """A float conv + BN ``reference`` and a copy whose conv weight moved by ``weight_shift`` (a
+    deterministic perturbation like weight rounding)."""
     reference = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
     with torch.no_grad():
-        reference[1].running_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0]))
-        reference[1].running_var.copy_(torch.tensor([4.0, 1.0, 0.25, 1e-30]))
+        if running_mean is not None:
+            reference[1].running_mean.copy_(running_mean)
+        reference[1].running_var.copy_(running_var)
     model = copy.deepcopy(reference)
     with torch.no_grad():
-        model[0].weight.add_(0.1)  # a deterministic perturbation like weight rounding
+        model[0].weight.add_(weight_shift)
+    return reference, model
+
+
+def _expected_shift(reference, model, batches, base_mean, base_var):
+    """The "shift" statistics computed directly: the base plus the difference of the two
+    convolutions' per-channel mean and unbiased variance over ``batches``."""
+    with torch.no_grad():
+        x = torch.cat(batches)
+        a = reference[0](x).transpose(0, 1).reshape(4, -1).double()
+        b = model[0](x).transpose(0, 1).reshape(4, -1).double()
+    return (base_mean.double() + b.mean(1) - a.mean(1),
+            (base_var.double() + b.var(1) - a.var(1)).clamp_min(0))
+
+
+def test_shift_method_adds_the_quantization_shift_to_the_reference_statistics():
+    torch.manual_seed(3)
+    reference, model = _conv_bn_pair(torch.tensor([4.0, 1.0, 0.25, 1e-30]), 0.1,
+                                     running_mean=torch.tensor([1.0, -2.0, 0.5, 0.0]))
+    with torch.no_grad():
         # stale statistics from an earlier re-estimation: they must not be the base
         model[1].running_mean.add_(3.0)
         model[1].running_var.mul_(5.0)
@@ -117,12 +138,8 @@ def test_shift_method_adds_the_quantization_shift_to_the_reference_statistics():
     original_mean = reference[1].running_mean.clone()
     original_var = reference[1].running_var.clone()
     hfp8.recalibrate_batchnorm(model, batches, method="shift", reference=reference, quiet=True)
-    with torch.no_grad():
-        x = torch.cat(batches)
-        a = reference[0](x).transpose(0, 1).reshape(4, -1).double()
-        b = model[0](x).transpose(0, 1).reshape(4, -1).double()
-    expected_mean = original_mean.double() + b.mean(1) - a.mean(1)
-    expected_var = (original_var.double() + b.var(1) - a.var(1)).clamp_min(0)
+    expected_mean, expected_var = _expected_shift(reference, model, batches, original_mean,
+                                                  original_var)
     torch.testing.assert_close(model[1].running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model[1].running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
     # the reference is left exactly as it was
@@ -131,12 +148,7 @@ def test_shift_method_adds_the_quantization_shift_to_the_reference_statistics():
 
 def test_shift_method_run_twice_does_not_add_the_shift_twice():
     torch.manual_seed(4)
-    reference = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
-    with torch.no_grad():
-        reference[1].running_var.fill_(2.0)
-    model = copy.deepcopy(reference)
-    with torch.no_grad():
-        model[0].weight.add_(0.2)
+    reference, model = _conv_bn_pair(torch.full((4,), 2.0), 0.2)
     batches = [torch.randn(8, 2, 6, 6) for _ in range(2)]
     hfp8.recalibrate_batchnorm(model, batches, method="shift", reference=reference, quiet=True)
     once = (model[1].running_mean.clone(), model[1].running_var.clone())
@@ -167,12 +179,7 @@ def test_models_without_batchnorm_and_errors():
 def test_measure_every_measures_the_shift_on_every_kth_batch_only():
     # the shift of batches 0, 2 and 4, computed directly; the model still runs all five
     torch.manual_seed(5)
-    reference = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)).eval()
-    with torch.no_grad():
-        reference[1].running_var.fill_(3.0)
-    model = copy.deepcopy(reference)
-    with torch.no_grad():
-        model[0].weight.add_(0.1)
+    reference, model = _conv_bn_pair(torch.full((4,), 3.0), 0.1)
     batches = [torch.randn(n, 2, 6, 6) + index for index, n in enumerate((8, 5, 6, 7, 3))]
     seen = {"model": [], "reference": []}
     model[0].register_forward_hook(lambda m, a, o: seen["model"].append(a[0].shape[0]))
@@ -182,17 +189,10 @@ def test_measure_every_measures_the_shift_on_every_kth_batch_only():
     assert seen == {"model": [8, 5, 6, 7, 3], "reference": [8, 6, 3]}
     assert (report["batches"], report["samples"]) == (5, 29)
     assert (report["measured_batches"], report["measured_samples"]) == (3, 17)
-    with torch.no_grad():
-        x = torch.cat(batches[::2])
-        a = reference[0](x).transpose(0, 1).reshape(4, -1).double()
-        b = model[0](x).transpose(0, 1).reshape(4, -1).double()
-    base = reference[1]
-    torch.testing.assert_close(model[1].running_mean.double(),
-                               base.running_mean.double() + b.mean(1) - a.mean(1),
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model[1].running_var.double(),
-                               (base.running_var.double() + b.var(1) - a.var(1)).clamp_min(0),
-                               rtol=1e-5, atol=1e-6)
+    expected_mean, expected_var = _expected_shift(reference, model, batches[::2],
+                                                  reference[1].running_mean, reference[1].running_var)
+    torch.testing.assert_close(model[1].running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
 
 
 def test_measure_every_must_be_a_positive_int():
