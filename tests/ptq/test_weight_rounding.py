@@ -151,8 +151,9 @@ def test_quantize_model_uses_compensated_rounding_by_default_and_it_does_not_hur
     compensated = hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0), quiet=True)
     nearest = hfp8.quantize_model(model, batches, hfp8.QuantConfig(
         weight_rounding="nearest", float_budget=0.0), quiet=True)
-    x = calibration_batches(12)[8:]
-    x = torch.cat(x)
+    # 1152 held-out samples: with BN re-estimated (the default) the two end-to-end errors lie
+    # close (measured 0.0376 vs 0.0424 here), and 128 samples could not tell them apart
+    x = torch.cat(calibration_batches(40)[4:])
     with torch.no_grad():
         reference = model(x)
         errors = {name: float((m(x) - reference).square().mean())

@@ -127,17 +127,20 @@ def test_a_short_finetune_lowers_the_distillation_loss_and_exports(tmp_path):
     qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
     qmodel.train()  # a caller's model in train mode: finetune must leave it (and its BN) alone
     before = {key: value.clone() for key, value in qmodel.state_dict().items()}
-    tuned = finetune(qmodel, model, batches, epochs=4, lr=1e-4, quiet=True)
+    tuned = finetune(qmodel, model, batches, epochs=4, lr=3e-5, quiet=True)
     assert qmodel.training and all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
     qmodel.eval()
     report = tuned.hfp8_report["training"]
-    held_out = calibration_batches(9)[6:]  # samples the fine-tune never saw
+    # 1088 samples the fine-tune never saw: on 96 the KL change was within sampling noise
+    # (measured on one machine: 1.19x on 96 samples, 0.77x on 1088 at lr 1e-4, which over-fits
+    # the 192 fine-tuning samples; 0.59x at 3e-5)
+    held_out = calibration_batches(40)[6:]
 
     def kl_to_teacher(student):  # written here from the definition, not the library's loss
         with torch.no_grad():
             return sum(float((model(x).softmax(1) * (model(x).log_softmax(1) - student(x).log_softmax(1)))
                              .sum(1).mean()) for x in held_out)
-    assert kl_to_teacher(tuned) < 0.8 * kl_to_teacher(qmodel)  # measured 0.55x
+    assert kl_to_teacher(tuned) < 0.8 * kl_to_teacher(qmodel)
     assert report["loss_after"] < report["loss_before"], report  # on the fine-tuning batches
     assert report["steps"] + report["skipped_steps"] == 24
     hfp8.export_onnx(tuned, tmp_path / "t.onnx", batches[0])
