@@ -88,12 +88,20 @@ def verification_text(report: dict) -> str:
         text += f" ({len(layers) - len(checked)} not replayable)"
     text += (f"; whole model vs its float64 run: onnxruntime {_sqnr(report, 'onnx_vs_float64')}, "
              f"PyTorch float32 {_sqnr(report, 'torch_vs_float64')} SQNR "
-             f"({'within' if whole['passed'] else 'OUTSIDE'} PyTorch's own deviation) "
-             f"on {report['samples']} samples")
+             f"({_whole_model_verdict(whole)}) on {report['samples']} samples")
     if report.get("fidelity"):
         text += (f"; fidelity to the float model: onnxruntime {_sqnr(report, 'onnx_vs_float')}, "
                  f"PyTorch {_sqnr(report, 'torch_vs_float')}")
     return text
+
+
+def _whole_model_verdict(whole: dict) -> str:
+    if whole.get("paired_passed", whole["passed"]):
+        return "within PyTorch's own deviation"
+    floor = whole.get("float32_floor", {})
+    if floor.get("passed"):
+        return f"within float32 noise: the floor for this model is {floor['sqnr_floor_db']:.1f} dB"
+    return "OUTSIDE PyTorch's own deviation and the float32 floor"
 
 
 def _sqnr(report: dict, comparison: str) -> str:
