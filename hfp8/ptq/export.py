@@ -233,8 +233,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
         raise ExportError(f"internal: no QuantizeLinear/DequantizeLinear found for the input of "
                           f"{missing[0]!r} in the exported graph")
     onnx_graph.name_quantization_nodes(onnx_model)
-    onnx_graph.move_relu_past_qdq(onnx_model)
-    onnx_graph.clip_as_max_min(onnx_model)
+    onnx_graph.clamps_as_max_min(onnx_model)
+    onnx_graph.bias_as_add(onnx_model)
+    onnx_graph.outputs_as_copies(onnx_model)
     onnx_graph.strip_metadata(onnx_model)
     onnx_model.producer_name, onnx_model.producer_version = "hfp8-ptq", __version__
     try:
