@@ -48,7 +48,9 @@ def _temporary_name(target: Path, directory: Path) -> Path:
     """``.{name}.{random}.tmp``, the name shortened (by bytes) to fit the folder's limit."""
     suffix = f".{secrets.token_hex(6)}.tmp"
     room = _name_limit(directory) - len(suffix.encode()) - 1
-    name = target.name.encode()[:max(room, 1)].decode(errors="ignore")
+    # file system bytes, not UTF-8: any name Linux accepts (undecodable bytes included, which
+    # Python carries as surrogate escapes) stays the same bytes
+    name = os.fsdecode(os.fsencode(target.name)[:max(room, 1)])
     return directory / f".{name}{suffix}"
 
 

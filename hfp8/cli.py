@@ -1,8 +1,9 @@
 """hfp8-ptq: the command line. Thin: it builds configs, calls the Python API and reports.
 
 Exit codes: 0 success, 2 usage or input error (one line on stderr, no traceback), 1 internal
-error or a failed ONNX verification (nothing written), 130 interrupted. Heavy imports (torch)
-happen inside :func:`main`, so that an interrupt while they load also ends in one line.
+error or a failed ONNX verification (nothing written), 130 interrupted (SIGINT), 143 terminated
+(SIGTERM); either signal removes temporary files on the way out. Heavy imports (torch) happen
+inside :func:`main`, so that an interrupt while they load also ends in one line.
 """
 
 from __future__ import annotations
@@ -291,23 +292,26 @@ def _run(args) -> int:
     return code
 
 
-_interrupted = False
+_interrupted = 0  # the signal that interrupted this run (SIGINT or SIGTERM), or 0
+_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
 
 def _on_interrupt(signum, frame) -> None:
     # Remember the interrupt: one that lands inside a module's import (numpy, onnx) can surface
     # as another exception (a RecursionError from a half-initialised module), not as itself.
+    # SIGTERM (timeout, containers, Slurm) unwinds the same way, so temporary files go too.
     global _interrupted
-    _interrupted = True
+    _interrupted = signum
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     global _interrupted
-    _interrupted = False  # main may run more than once in a process (tests, notebooks)
+    _interrupted = 0  # main may run more than once in a process (tests, notebooks)
     command = "hfp8-ptq"
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, _on_interrupt) if main_thread else None
+    previous = {number: signal.signal(number, _on_interrupt) for number in _SIGNALS} \
+        if main_thread else {}
     try:
         args = build_parser().parse_args(argv)
         command = f"hfp8-ptq {args.command}"
@@ -316,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:
         if not (_interrupted or isinstance(error, KeyboardInterrupt)):
             raise
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+        number = _interrupted or signal.SIGINT
+        print(f"{command}: {_SIGNALS[number]}", file=sys.stderr)
+        return 128 + number  # 130 for SIGINT, 143 for SIGTERM, as shells report them
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

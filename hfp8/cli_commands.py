@@ -56,7 +56,7 @@ def _config(args) -> hfp8.QuantConfig:
 
 def _check_plot(args, inputs_: list) -> None:
     if args.plot:
-        check_output(args.plot, inputs_, args.overwrite)
+        check_output(args.plot, inputs_, args.overwrite, arch=getattr(args, "arch", None))
         if not args.plot.lower().endswith(".png"):
             raise inputs.UsageError(f"--plot {args.plot}: give a .png file name")
         _pyplot_available()
@@ -69,10 +69,12 @@ def _pyplot_available() -> None:
 
 
 def quantize(args) -> tuple[dict, str, int]:
-    check_output(args.output, [args.model], args.overwrite, [args.calib])
+    check_output(args.output, [args.model], args.overwrite, [args.calib],
+                 arch=getattr(args, "arch", None))
     _check_plot(args, [args.model, args.output, args.onnx])
     if args.onnx:
-        check_output(args.onnx, [args.model, args.output], args.overwrite, [args.calib])
+        check_output(args.onnx, [args.model, args.output], args.overwrite, [args.calib],
+                     arch=getattr(args, "arch", None))
         if Path(args.onnx).resolve() == Path(args.output).resolve():
             raise inputs.UsageError("--onnx and -o name the same file")
     if args.arch == inputs.RECORDED:
@@ -82,6 +84,10 @@ def quantize(args) -> tuple[dict, str, int]:
     first = inputs.first_batch(samples)
     inputs.dry_run(model, first, args.calib, samples.config)
     config = _config(args)
+    if args.onnx and not args.no_verify and samples.num_samples < 2:
+        raise inputs.UsageError(f"--onnx: verification compares per-sample deviations and needs "
+                                f"at least 2 samples; {args.calib} has {samples.num_samples} "
+                                "(add samples, or pass --no-verify)")
     if args.onnx:
         inputs.check_exportable(model, first)  # seconds now, not after minutes of calibration
     with warnings.catch_warnings():  # said below as the one error line instead
@@ -123,7 +129,8 @@ def quantize(args) -> tuple[dict, str, int]:
 
 
 def recalibrate_bn(args) -> tuple[dict, str, int]:
-    check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib])
+    check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib],
+                 arch=getattr(args, "arch", None))
     qmodel, arch = inputs.load_qmodel(args.qmodel, args.arch)
     metadata = getattr(qmodel, REPORT_ATTRIBUTE).get("metadata") or {}
     samples = SampleFolder(args.calib, inputs.sample_config(args, metadata.get("preprocessing")))
@@ -161,7 +168,8 @@ def _random_batches(spec, seed: int) -> list:
 
 
 def export(args) -> tuple[dict, str, int]:
-    check_output(args.output, [args.qmodel], args.overwrite, [args.verify_data])
+    check_output(args.output, [args.qmodel], args.overwrite, [args.verify_data],
+                 arch=getattr(args, "arch", None))
     if file_kind(args.qmodel) != "hfp8":
         raise inputs.UsageError(f"{args.qmodel} is not an hfp8-ptq quantized model (.hfp8.pt from "
                                 "'hfp8-ptq quantize'); export needs one")
@@ -197,6 +205,20 @@ def _fidelity_text(result: dict) -> str:
     return "; ".join(parts) + f" on {result['samples']} samples"
 
 
+def _check_class_scores(logits, class_names) -> None:
+    """Top-1 needs ``(N, classes)`` float scores; a count unlike the folder's is said."""
+    if not logits.is_floating_point() or logits.dim() != 2:
+        raise inputs.UsageError(
+            f"top-1 needs the model to return one score per class, shape (N, classes); it "
+            f"returns shape {tuple(logits.shape)} (to compare it with a float model on the same "
+            "samples, pass --reference)")
+    if logits.shape[1] != len(class_names):
+        first = ", ".join(class_names[:3]) + (", ..." if len(class_names) > 3 else "")
+        warnings.warn(f"the model scores {logits.shape[1]} classes and the folder has "
+                      f"{len(class_names)} class sub-folders; class i is the i-th sub-folder in "
+                      f"sorted order ({first})", stacklevel=2)
+
+
 def evaluate(args) -> tuple[dict, str, int]:
     model, preprocessing, arch = inputs.runner(args.model, args.arch, args.trust_pickle)
     labelled = not args.reference
@@ -213,6 +235,7 @@ def evaluate(args) -> tuple[dict, str, int]:
     if labelled:
         targets = torch.cat([t for _, t in samples])
         logits = collect_logits(model, samples, **progress)
+        _check_class_scores(logits, samples.class_names)
         report = {"top1": top1_accuracy(logits, targets), "samples": len(targets),
                   "classes": len(samples.class_names)}
         text = f"top-1 accuracy {report['top1']:.4f} on {report['samples']} samples " \

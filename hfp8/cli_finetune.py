@@ -14,7 +14,8 @@ def finetune(args) -> tuple[dict, str, int]:
     from hfp8.ptq.transform import REPORT_ATTRIBUTE
     from hfp8.training import TrainingConfig, finetune as run_finetune
 
-    check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib, args.data])
+    check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib, args.data],
+                 arch=getattr(args, "arch", None))
     if args.steps is not None and args.epochs is not None:
         raise inputs.UsageError("give --steps or --epochs, not both")
     qmodel, arch = inputs.load_qmodel(args.qmodel, args.arch)

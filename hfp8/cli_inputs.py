@@ -16,7 +16,7 @@ import torch
 import hfp8
 from hfp8.calibration.samples import SampleConfig, SampleError, SampleFolder
 from hfp8.model_files import build_architecture, file_kind, load_model
-from hfp8.model_io import call_model, map_tensors
+from hfp8.model_io import call_model, map_tensors, slice_batch
 from hfp8.ptq.export import MANIFEST_KEY
 from hfp8.ptq.saving import check_manifest
 from hfp8.ptq.transform import REPORT_ATTRIBUTE
@@ -65,11 +65,74 @@ def input_spec(batch) -> dict:
     return map_tensors(batch, spec) if isinstance(batch, dict) else spec(batch)
 
 
-def dry_run(model, batch, folder, config: SampleConfig | None = None) -> None:
-    """One forward on the first batch, so shape mistakes become one clear line."""
+def _size(count: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.1f} {unit}"
+    return f"{count / 1024:.0f} KiB"
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _largest_activation(model, batch) -> int:
+    """Bytes of the largest tensor a leaf module returns on ``batch`` (0 for a model that is
+    not a torch module, such as an onnxruntime runner)."""
+    largest = [0]
+    if not isinstance(model, torch.nn.Module):
+        return 0
+
+    def hook(module, args, output):
+        for tensor in _tensors(output):
+            largest[0] = max(largest[0], tensor.numel() * tensor.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
             call_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return largest[0]
+
+
+def _tensors(output) -> list:
+    """Every tensor in a nested output or batch."""
+    leaves: list = []
+    map_tensors(output, leaves.append)
+    return leaves
+
+
+def dry_run(model, batch, folder, config: SampleConfig | None = None) -> None:
+    """One forward on one sample, then on the first batch, so that shape mistakes become one
+    clear line, and a batch whose activations cannot fit in memory is refused before it is
+    tried: its largest layer output alone (measured on one sample, times the batch size) is a
+    lower bound of what a forward needs."""
+    try:
+        size = len(next(iter(_tensors(batch))))
+        per_sample = _largest_activation(model, slice_batch(batch, 1))
+        available = _available_memory()
+        if available is not None and per_sample * size > available:
+            hint = "" if config is None else (f" at --resize {config.resize or 0} --crop "
+                                              f"{config.crop or 0}")
+            raise UsageError(f"a batch of {size} samples from {folder}{hint} needs at least "
+                             f"{_size(per_sample * size)} for one layer's output "
+                             f"({_size(per_sample)} per sample), more than the "
+                             f"{_size(available)} available; lower --batch-size or the image "
+                             "size")
+        with torch.no_grad():
+            call_model(model, batch)
+    except UsageError:
+        raise
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad shapes
         shape = tuple(batch.shape[1:]) if torch.is_tensor(batch) else "given"
         hint = "" if config is None else (

@@ -30,7 +30,11 @@ class VerificationFailed(RuntimeError):
 
 
 def check_output(path: str, inputs: list[str | None], overwrite: bool,
-                 folders: list[str | None] = ()) -> Path:
+                 folders: list[str | None] = (), arch: str | None = None) -> Path:
+    """Refuse an output that would replace an input (the model files, the source file of an
+    ``--arch path/to/file.py:factory``), land in a sample folder, or is not a writable file."""
+    source = (arch or "").rpartition(":")[0]
+    inputs = [*inputs, source if source.endswith(".py") else None]
     if path.endswith(("/", os.sep)):
         raise UsageError(f"output {path} names a folder; give a file name")
     target = Path(path)

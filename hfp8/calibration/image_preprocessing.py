@@ -8,8 +8,9 @@
    keep their stored colour whatever their alpha, as torchvision's ``ImageFolder`` loader does, so
    statistics match what the model saw in the reference pipeline. Palette images go through RGBA
    first, which gives the same colours and avoids PIL's warning for palettes with per-entry alpha.
-   Other modes use PIL's own conversion (16-bit greyscale is clipped to 255 by PIL, as in
-   torchvision).
+   16-bit greyscale (PIL modes ``I;16*``, as 16-bit PNGs open) is scaled to 8 bits,
+   ``round(v / 257)`` (65535 -> 255); PIL's own conversion would clip every value above 255,
+   leaving a nearly white image. Other modes use PIL's own conversion.
 2. resize: the short side becomes ``resize`` pixels and the long side
    ``int(resize * long / short)`` (truncated), with PIL bilinear resampling (antialiased when
    shrinking). ``None`` skips it.
@@ -50,6 +51,10 @@ def convert_channels(image: Image.Image, channels: int) -> Image.Image:
     target = _MODES[channels]
     if image.mode == target:
         return image
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L")
+        return image if target == "L" else image.convert(target)
     if image.mode in ("P", "PA"):
         # Palettes may carry per-entry alpha; PIL only converts those quietly to RGBA.
         image = image.convert("RGBA")

@@ -19,12 +19,13 @@ unreadable ones, with their reason.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from hfp8.calibration.image_preprocessing import resized_size
 
@@ -46,6 +47,7 @@ _MAX_REASON = 160
 MAX_IMAGE_PIXELS = 1 << 26  # 67 Mpixel: a 8192 x 8192 photo fits
 MAX_RESIZED_PIXELS = 1 << 25
 MAX_SAMPLE_ELEMENTS = 1 << 27  # 512 MiB of float32
+MAX_SAMPLE_BYTES = 4 * MAX_SAMPLE_ELEMENTS  # tensor data a .pt sample may declare
 
 
 class SampleError(ValueError):
@@ -62,7 +64,11 @@ def _walk(folder: Path, recursive: bool, found: list[Path], counts: list[int]) -
                 if recursive and not entry.name.startswith("."):
                     _walk(Path(entry.path), recursive, found, counts)
                 continue
-            if not entry.is_file():
+            try:
+                is_file = entry.is_file()
+            except OSError:  # a link loop (ELOOP) and the like: read, fail, skipped by name
+                is_file = entry.is_symlink()
+            if not is_file:
                 continue
             counts[0] += 1
             counts[1] += entry.name.startswith(".")
@@ -122,6 +128,16 @@ def _checked(tensor: torch.Tensor, name: str = "") -> torch.Tensor:
     return tensor
 
 
+def _declared_bytes(path: Path) -> int:
+    """Uncompressed size of a torch zip archive's tensor records, as its directory declares
+    (0 for the legacy format, whose sizes only its pickle states)."""
+    if not zipfile.is_zipfile(path):
+        return 0
+    with zipfile.ZipFile(path) as archive:
+        return sum(info.file_size for info in archive.infolist()
+                   if "/data/" in info.filename and not info.filename.endswith(".pkl"))
+
+
 def _load_tensor(path: Path):
     if path.suffix.lower() == ".npy":
         array = np.load(path, allow_pickle=False)
@@ -132,6 +148,10 @@ def _load_tensor(path: Path):
             raise ValueError(f"unsupported array dtype {array.dtype}")
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to Inf is refused below
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    declared = _declared_bytes(path)
+    if declared > MAX_SAMPLE_BYTES:  # refused from the zip directory, before inflating anything
+        raise ValueError(f"declares {declared} bytes of tensor data, over the "
+                         f"{MAX_SAMPLE_BYTES} byte limit")
     value = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(value, dict) and value and all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in value.items()):
@@ -165,7 +185,8 @@ def read_sample(path: Path, preprocess: Callable[[Image.Image], torch.Tensor],
             if width * height > MAX_IMAGE_PIXELS:
                 return None, f"image of {width}x{height} pixels is over the {MAX_IMAGE_PIXELS} limit"
             opened.load()  # decode everything now: truncated data fails here, not later
-            image = opened.copy()  # detached from the file, which the with-block closes
+            # upright as cameras mean it (EXIF orientation), detached from the file
+            image = ImageOps.exif_transpose(opened)
     except Exception as error:  # noqa: BLE001 - decoders raise many unrelated exception types
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         # Some loaders (torch.load) explain at paragraph length; messages stay one short line.

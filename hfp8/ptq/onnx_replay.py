@@ -84,8 +84,15 @@ def session(model_or_path, providers=("CPUExecutionProvider",)) -> onnxruntime.I
     """A session with onnxruntime's default options (graph optimizations on, as users run it)."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) \
-        else str(model_or_path)
+    if isinstance(model_or_path, onnx.ModelProto):
+        source = model_or_path.SerializeToString()
+    else:
+        source = str(model_or_path)
+        try:  # onnxruntime takes UTF-8 paths only; a name with other bytes is read here
+            source.encode("utf-8")
+        except UnicodeEncodeError:
+            with open(model_or_path, "rb") as stream:
+                source = stream.read()
     return onnxruntime.InferenceSession(source, options, providers=list(providers))
 
 
