@@ -133,10 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quantize matching layers even if first or last (repeatable)")
     fmt.add_argument("--quantize-first-last", action="store_true",
                      help="also quantize the first and last layers (kept float by default)")
-    fmt.add_argument("--no-bn-recalibration", action="store_true",
-                     help="keep the model's BatchNorm statistics as they are")
-    fmt.add_argument("--bn-method", choices=("shift", "full"), default="shift",
-                     help="BN re-estimation: shift (default; robust with few samples) or full")
+    fmt.add_argument("--bn-recalibration", choices=("shift", "full", "none"), default=None,
+                     help="BatchNorm re-estimation: shift (default: the float model's statistics "
+                          "plus the quantization shift; robust with few samples), full (these "
+                          "samples' statistics) or none")
+    # the names before --bn-recalibration, kept working (each says so in a warning)
+    fmt.add_argument("--no-bn-recalibration", action="store_true", help=argparse.SUPPRESS)
+    fmt.add_argument("--bn-method", choices=("shift", "full"), help=argparse.SUPPRESS)
     fmt.add_argument("--bn-shift-stride", type=int, default=2, metavar="K",
                      help="measure the BN shift on every K-th calibration batch, where the float "
                           "model runs beside the quantized one (default 2; 1 = every batch)")
@@ -158,10 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("qmodel", help="quantized model file (from quantize)")
     r.add_argument("--calib", required=True, metavar="DIR", help="folder of samples to measure on")
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file to write")
-    r.add_argument("--method", choices=("full", "shift"), default="full",
-                   help="full (default: statistics of these samples) or shift (the float model's "
-                        "statistics plus the quantization shift; needs --reference)")
-    _model_arguments(r, reference="the float model, for --method shift")
+    r.add_argument("--bn-recalibration", choices=("shift", "full"), default=None,
+                   help="shift (default, as in quantize: the float model's statistics plus the "
+                        "quantization shift measured on these samples) or full (these samples' "
+                        "statistics)")
+    r.add_argument("--method", choices=("full", "shift"), help=argparse.SUPPRESS)  # old name
+    r.add_argument("--force", action="store_true",
+                   help="write the result even if its outputs are further from the float "
+                        "model's on the held-out samples than before")
+    _model_arguments(r, reference="the float model (required): shift re-estimates from it, and "
+                                  "the result is checked against it on every 4th batch, held out")
     _sample_arguments(r, "samples", recorded=True)
 
     e = command("export", "export a quantized model as FP8 QDQ ONNX and verify it")
@@ -246,11 +255,11 @@ def _run(args) -> int:
     from hfp8 import cli_commands as commands
     from hfp8.calibration import collective
     from hfp8.cli_inputs import one_line
-    from hfp8.cli_outputs import VerificationFailed
-
     from hfp8.cli_finetune import finetune
+    from hfp8.cli_outputs import VerificationFailed
+    from hfp8.cli_recalibrate import recalibrate_bn
 
-    handler = {"quantize": commands.quantize, "recalibrate-bn": commands.recalibrate_bn,
+    handler = {"quantize": commands.quantize, "recalibrate-bn": recalibrate_bn,
                "export": commands.export, "evaluate": commands.evaluate,
                "inspect": commands.inspect, "example": commands.example,
                "finetune": finetune}[args.command]

@@ -11,6 +11,7 @@ import hfp8
 from hfp8 import cli_inputs as inputs
 from hfp8.calibration.samples import SampleError, SampleFolder
 from hfp8.cli_outputs import VerificationFailed, check_output, verification_text, write_outputs
+from hfp8.cli_recalibrate import bn_recalibration
 from hfp8.evaluation import collect_logits, compare_outputs, top1_accuracy
 from hfp8.model_files import ModelFileError, file_kind, load_model
 from hfp8.model_io import BatchError, map_tensors
@@ -48,7 +49,7 @@ def _config(args) -> hfp8.QuantConfig:
         weight_bias_method=args.bias_method, activation_bias_method=args.bias_method,
         keep_first_and_last=not args.quantize_first_last, exclude=tuple(args.exclude),
         include=tuple(args.include), quantize_attention=not args.no_attention,
-        bn_recalibration="none" if args.no_bn_recalibration else args.bn_method,
+        bn_recalibration=bn_recalibration(args),
         weight_rounding=args.weight_rounding, float_budget=args.float_budget,
         budget_unit=args.budget_unit, target_sqnr_db=args.target_sqnr,
         bn_shift_stride=args.bn_shift_stride)
@@ -126,34 +127,6 @@ def quantize(args) -> tuple[dict, str, int]:
         if "verification" in report:
             lines.append(verification_text(report["verification"]))
     return report, "\n".join(lines), 0
-
-
-def recalibrate_bn(args) -> tuple[dict, str, int]:
-    check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib],
-                 arch=getattr(args, "arch", None))
-    qmodel, arch = inputs.load_qmodel(args.qmodel, args.arch)
-    metadata = getattr(qmodel, REPORT_ATTRIBUTE).get("metadata") or {}
-    samples = SampleFolder(args.calib, inputs.sample_config(args, metadata.get("preprocessing")))
-    inputs.dry_run(qmodel, inputs.first_batch(samples), args.calib, samples.config)
-    reference = None
-    if args.method == "shift":
-        if not args.reference:
-            raise inputs.UsageError("--method shift needs --reference, the float model")
-        reference = load_model(args.reference, arch, args.trust_pickle)
-    bn = hfp8.recalibrate_batchnorm(qmodel, samples, method=args.method, reference=reference,
-                                    quiet=args.quiet)
-    # recalibrate_batchnorm has put its report into the manifest; keep the architecture too
-    getattr(qmodel, REPORT_ATTRIBUTE)["metadata"] = {**metadata, "architecture": arch}
-    report = {"output": args.output, "batchnorm": bn}
-
-    def write(temporaries: list[str]) -> None:
-        report["manifest"] = hfp8.save_quantized(qmodel, temporaries[0])
-
-    if not write_outputs([args.output], write, args.overwrite):
-        return {}, "", 0  # another rank writes
-    text = (f"re-estimated {bn['batchnorm_layers']} BatchNorm layers ({bn['method']}) from "
-            f"{bn['samples']} samples\nwrote {args.output}")
-    return report, text, 0
 
 
 def _random_batches(spec, seed: int) -> list:

@@ -85,9 +85,10 @@ def test_json_reports_parse(quantized):
                                     "--json", "--quiet", cwd=folder, check_code=0).stdout)
     assert quantized_json["manifest"]["config"]["weight_granularity"] == "per_channel"
     recalibrated = json.loads(run("recalibrate-bn", "q2.pt", *ARCH, "--calib", "calibration",
-                                  "-o", "q3.pt", "--json", "--quiet", cwd=folder,
-                                  check_code=0).stdout)
+                                  "--reference", "model.pt", "-o", "q3.pt", "--json", "--quiet",
+                                  cwd=folder, check_code=0).stdout)
     assert recalibrated["batchnorm"]["batchnorm_layers"] == 4
+    assert recalibrated["batchnorm"]["method"] == "shift"  # the default, as in quantize
 
 
 def _assert_input_error(result, *words, leftovers=()):

@@ -63,7 +63,8 @@ def test_1_an_architecture_recorded_in_a_file_never_runs_unasked(demo, tmp_path)
                             {"architecture": spec, "input": {"shape": [1, 28, 28], "dtype": "float32"}})
     for args in (["export", qfile, "-o", tmp_path / "x.onnx"],
                  ["evaluate", qfile, "--data", folder / "test"],
-                 ["recalibrate-bn", qfile, "--calib", folder / "calibration", "-o", tmp_path / "r.pt"]):
+                 ["recalibrate-bn", qfile, "--calib", folder / "calibration", "--reference",
+                  folder / "model.pt", "-o", tmp_path / "r.pt"]):
         result = run(*args, "--quiet", cwd=tmp_path)
         _assert_input_error(result, "records architecture 'bundle/helper.py:build'", "--arch",
                             leftovers=[tmp_path / "x.onnx", tmp_path / "r.pt"])
