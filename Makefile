@@ -34,6 +34,7 @@ demo: setup
 	cd $(DEMO) && ../$(BIN)/hfp8-ptq evaluate model.onnx --data test --quiet
 	cd $(DEMO) && ../$(BIN)/hfp8-ptq evaluate model.pt --arch hfp8.examples:fashion_cnn --data test \
 	    --channels 1 --mean 0 --std 1 --resize 0 --crop 0 --quiet
+	@echo "next: run '. $(BIN)/activate' to put hfp8-ptq on your PATH, then 'cd $(DEMO)' and follow README's Quick start"
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -36,16 +36,19 @@ EPILOGS = {
       --channels 1 --mean 0 --std 1 --resize 0 --crop 0 -o model.hfp8.pt --onnx model.onnx
   hfp8-ptq quantize model.pt --arch m.py:build --calib photos/ --exclude 'features.1.*' -o q.pt""",
     "recalibrate-bn": """examples:
-  hfp8-ptq recalibrate-bn model.hfp8.pt --arch recorded --calib more_photos/ -o model2.hfp8.pt
+  hfp8-ptq recalibrate-bn model.hfp8.pt --arch recorded --calib more_photos/ \\
+      --reference model.pt -o model2.hfp8.pt
   hfp8-ptq recalibrate-bn model.hfp8.pt --arch mypkg.models:net --calib photos/ \\
-      --method shift --reference model.pt -o q2.pt""",
+      --bn-recalibration full --reference model.pt -o q2.pt""",
     "export": """examples:
   hfp8-ptq export model.hfp8.pt --arch recorded -o model.onnx
   hfp8-ptq export model.hfp8.pt --arch mypkg.models:net -o model.onnx --verify-data photos/""",
     "evaluate": """examples:
   hfp8-ptq evaluate model.onnx --data test/                       (top-1: one sub-folder per class)
   hfp8-ptq evaluate model.hfp8.pt --arch mypkg.models:net --data photos/ --reference model.pt
-  hfp8-ptq evaluate model.pt --arch hfp8.examples:fashion_cnn --data test/ --channels 1 ...""",
+  hfp8-ptq evaluate model.pt --arch hfp8.examples:fashion_cnn --data test/ --channels 1 ...
+--arch builds MODEL and, with --reference, the float model too (for a quantized file,
+--arch recorded: the architecture the file names).""",
     "inspect": """examples:
   hfp8-ptq inspect model.hfp8.pt
   hfp8-ptq inspect model.hfp8.pt --plot layers.png
@@ -59,9 +62,10 @@ EPILOGS = {
       --data labelled/ --lr 3e-5 --steps 500""",
 }
 
-ARCH_HELP = ("callable that builds the float model: package.module:factory or "
-             "path/to/file.py:factory (its code runs). For a quantized or ONNX file, 'recorded' "
-             "builds the architecture the file names; a file's own record is never run unasked")
+ARCH_HELP = ("callable that builds the float model: package.module:factory (looked up from "
+             "the current folder first, as python -m does) or path/to/file.py:factory (its "
+             "code runs). For a quantized or ONNX file, 'recorded' builds the architecture the "
+             "file names; a file's own record is never run unasked. It also builds --reference")
 
 
 def _model_arguments(parser, reference: str | None = None) -> None:
@@ -72,7 +76,7 @@ def _model_arguments(parser, reference: str | None = None) -> None:
         parser.add_argument("--reference", metavar="FLOAT_MODEL", help=reference)
 
 
-def _sample_arguments(parser, title: str, recorded: bool = False) -> None:
+def _sample_arguments(parser, title: str, recorded: bool = False, verify: bool = False) -> None:
     default = ("default: what the model was quantized with" if recorded else None)
     group = parser.add_argument_group(title)
     group.add_argument("--resize", type=int, metavar="PIXELS",
@@ -89,8 +93,11 @@ def _sample_arguments(parser, title: str, recorded: bool = False) -> None:
     group.add_argument("--batch-size", type=int, default=32, metavar="N",
                        help="samples per batch (default 32)")
     group.add_argument("--seed", type=int, default=0,
-                       help="seed for choosing --num-samples and for random verification inputs")
-    group.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+                       help="seed for choosing --num-samples" + (
+                           " and for random verification inputs" if verify else ""))
+    group.add_argument("--workers", type=int, default=2,
+                       help="image decoding threads (default 2 here; SampleConfig's default 0 "
+                            "decodes in the calling thread)")
     group.add_argument("--strict", action="store_true",
                        help="stop at the first unusable file instead of skipping it")
 
@@ -181,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verify-data", metavar="DIR", help="samples for verification (default: "
                    "seeded random inputs of the recorded input shape)")
     _model_arguments(e)
-    _sample_arguments(e, "samples for --verify-data", recorded=True)
+    _sample_arguments(e, "samples for --verify-data", recorded=True, verify=True)
 
     v = command("evaluate", "top-1 on a labelled folder, or fidelity to the float model")
     v.add_argument("model", help="float model, quantized model or ONNX file")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,12 +29,20 @@ def version() -> str:
     return hfp8.__version__
 
 
+def _phase(args, text: str) -> None:
+    """One line on stderr as a long phase starts (not with --quiet or --json)."""
+    if not (args.quiet or getattr(args, "json", False)):
+        print(f"hfp8-ptq {args.command}: {text} ...", file=sys.stderr, flush=True)
+
+
 def _export_and_verify(qmodel, onnx_path, example, batches, reference, args, report) -> None:
     """Export to ``onnx_path`` (a temporary name) and verify it there; a failed verification
     raises, so that nothing is placed."""
+    _phase(args, "exporting to ONNX with torch.onnx.export (dynamo)")
     hfp8.export_onnx(qmodel, onnx_path, example, opset=getattr(args, "opset", None))
     if args.no_verify:
         return
+    _phase(args, "verifying the ONNX file in onnxruntime (Q/DQ pairs, layers, whole model)")
     verification = hfp8.verify_onnx(qmodel, onnx_path, batches, reference=reference,
                                      quiet=args.quiet)
     verification["passed"] = passed(verification)
@@ -82,6 +92,7 @@ def quantize(args) -> tuple[dict, str, int]:
         raise inputs.UsageError("--arch recorded: a float model file records no architecture")
     model = load_model(args.model, args.arch, args.trust_pickle)
     samples = SampleFolder(args.calib, inputs.sample_config(args))
+    upscaled = inputs.upscaled_images(samples)
     first = inputs.first_batch(samples)
     inputs.dry_run(model, first, args.calib, samples.config)
     config = _config(args)
@@ -102,7 +113,8 @@ def quantize(args) -> tuple[dict, str, int]:
             + "); see --include and --quantize-first-last")
     getattr(qmodel, REPORT_ATTRIBUTE)["metadata"] = {
         "architecture": args.arch, "preprocessing": inputs.preprocessing(samples.config),
-        "input": inputs.input_spec(first), "calibration_folder": str(args.calib)}
+        "input": inputs.input_spec(first), "calibration_folder": str(args.calib),
+        "upscaled_images": upscaled}
     report = {"output": args.output, "skipped_files": len(samples.skipped)}
 
     def write(temporaries: list[str]) -> None:
@@ -203,6 +215,7 @@ def evaluate(args) -> tuple[dict, str, int]:
                                     "for top-1; to compare with the float model on unlabelled "
                                     "samples, pass --reference FLOAT_MODEL") from None
         raise
+    inputs.upscaled_images(samples)
     inputs.dry_run(model, inputs.first_batch(samples), args.data, samples.config)
     progress = dict(quiet=args.quiet, description="Evaluating")
     if labelled:
@@ -234,12 +247,29 @@ def _plotted(args, manifest: dict | None, text: str) -> str:
     return f"{text}\nwrote {args.plot}"
 
 
+def _recorded_text(manifest: dict) -> str:
+    """What the file records for later commands (shown, never run): architecture,
+    preprocessing, input shape; one line each, or nothing."""
+    metadata = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+    lines = []
+    if metadata.get("architecture"):
+        lines.append(f"architecture: {metadata['architecture']} (built only with --arch recorded "
+                     "or the same --arch)")
+    if isinstance(metadata.get("preprocessing"), dict):
+        lines.append("preprocessing: " + ", ".join(f"{k} {v}" for k, v in
+                                                   sorted(metadata["preprocessing"].items())))
+    if metadata.get("input"):
+        lines.append(f"input: {json.dumps(metadata['input'], sort_keys=True)}")
+    return "".join(line + "\n" for line in lines)
+
+
 def inspect(args) -> tuple[dict, str, int]:
     _check_plot(args, [args.file])
     kind = file_kind(args.file)
     if kind == "hfp8":
         manifest = hfp8.read_manifest(args.file)
-        return manifest, _plotted(args, manifest, hfp8.format_manifest(manifest)), 0
+        text = _recorded_text(manifest) + hfp8.format_manifest(manifest)
+        return manifest, _plotted(args, manifest, text), 0
     if kind != "onnx":
         raise inputs.UsageError(f"{args.file} is neither an hfp8-ptq model nor an ONNX file")
     import onnx
@@ -261,7 +291,8 @@ def inspect(args) -> tuple[dict, str, int]:
             f"{', '.join(summary['inputs'])}; outputs {', '.join(summary['outputs'])}")
     manifest = inputs.onnx_manifest(args.file, model)
     if manifest is not None:
-        text = _plotted(args, manifest, text + "\n" + hfp8.format_manifest(manifest))
+        text = _plotted(args, manifest, text + "\n" + _recorded_text(manifest)
+                        + hfp8.format_manifest(manifest))
         return {**summary, "manifest": manifest}, text, 0
     return summary, _plotted(args, None, text + "\n(no hfp8-ptq manifest in the metadata)"), 0
 

@@ -14,7 +14,8 @@ def finetune(args) -> tuple[dict, str, int]:
     from hfp8.ptq.transform import REPORT_ATTRIBUTE
     from hfp8.training import TrainingConfig, finetune as run_finetune
 
-    check_output(args.output, [args.qmodel, args.reference], args.overwrite, [args.calib, args.data],
+    check_output(args.output, [args.qmodel, args.reference], args.overwrite,
+                 [args.calib, args.data, args.val],
                  arch=getattr(args, "arch", None))
     if args.steps is not None and args.epochs is not None:
         raise inputs.UsageError("give --steps or --epochs, not both")
@@ -27,9 +28,13 @@ def finetune(args) -> tuple[dict, str, int]:
     inputs.dry_run(qmodel, inputs.first_batch(samples), folder, samples.config)
     config = TrainingConfig(gradient_rounding="stochastic" if args.stochastic_gradients else "nearest",
                             seed=args.seed)
+    validation = None
+    if args.val:
+        validation = SampleFolder(args.val, inputs.sample_config(args, preprocessing,
+                                                                 labels=labelled))
     tuned = run_finetune(qmodel, teacher, samples, steps=args.steps, epochs=args.epochs,
                          lr=args.lr, label_weight=args.label_weight if labelled else 0.0,
-                         config=config, quiet=args.quiet)
+                         config=config, quiet=args.quiet, validation=validation)
     getattr(tuned, REPORT_ATTRIBUTE)["metadata"] = {**metadata, "architecture": arch}
     report = {"output": args.output}
 
@@ -42,9 +47,19 @@ def finetune(args) -> tuple[dict, str, int]:
     report["training"] = training
     text = (f"HFP8 fine-tuning (1-4-3 forward, 1-5-2 backward): {training['steps']} steps "
             f"({training['skipped_steps']} skipped) in {training['seconds']:.0f} s; distillation "
-            f"loss {training['loss_before']:.4g} -> {training['loss_after']:.4g}\n"
+            f"loss {training['loss_before']:.4g} -> {training['loss_after']:.4g} on the "
+            f"training batches\n{_held_out_text(training['held_out'])}\n"
             f"{hfp8.format_manifest(report['manifest'])}\nwrote {args.output}")
     return report, text, 0
+
+
+def _held_out_text(held: dict) -> str:
+    if not held.get("checked"):
+        return "held-out check: none (fewer than 2 batches and no --val)"
+    change = f"{held['loss_before']:.4g} -> {held['loss_after']:.4g}"
+    if held["kept"] == "fine-tuned":
+        return f"held-out distillation loss {change}: the fine-tuned model is written"
+    return f"no held-out gain (distillation loss {change}): the input model is written unchanged"
 
 
 def add_parser(command, model_arguments, sample_arguments) -> None:
@@ -57,6 +72,9 @@ def add_parser(command, model_arguments, sample_arguments) -> None:
     f.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file to write")
     f.add_argument("--data", metavar="DIR", help="labelled samples (one sub-folder per class) to "
                    "train on instead, with a cross-entropy term beside the distillation")
+    f.add_argument("--val", metavar="DIR", help="samples to judge on (default: every 4th batch of "
+                   "the training samples is held out); the input model is written unchanged "
+                   "unless the fine-tuned one is better there")
     f.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: one epoch)")
     f.add_argument("--epochs", type=int, metavar="N", help="passes over the samples")
     f.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")

@@ -10,6 +10,7 @@ flags (:class:`hfp8.calibration.SampleConfig`).
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 
@@ -49,6 +50,36 @@ def sample_config(args, defaults: dict | None = None, labels: bool = False) -> S
 def preprocessing(config: SampleConfig) -> dict:
     return {"resize": config.resize, "crop": config.crop, "mean": list(config.mean),
             "std": list(config.std), "channels": config.channels}
+
+
+def upscaled_images(samples: SampleFolder, limit: int = 64) -> dict | None:
+    """How many of the folder's first ``limit`` images have a short side below ``--resize``
+    (read from their headers); warns when most do: they are enlarged, which is seldom meant
+    (a 64 x 64 image resized to 256 and cropped to 224 by the ImageNet defaults). ``None``
+    without resizing or images."""
+    from PIL import Image
+
+    from hfp8.calibration.sample_files import IMAGE_EXTENSIONS
+
+    resize = samples.config.resize
+    images = [p for p in samples.files if p.suffix.lower() in IMAGE_EXTENSIONS][:limit]
+    if not resize or not images:
+        return None
+    shorts = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                shorts.append(min(image.size))
+        except Exception:  # noqa: BLE001 - unreadable files are reported when read
+            continue
+    small = [s for s in shorts if s < resize]
+    if shorts and len(small) * 2 > len(shorts):
+        median = sorted(shorts)[len(shorts) // 2]
+        warnings.warn(f"{len(small)} of the first {len(shorts)} images in {samples.path} are "
+                      f"smaller than --resize {resize} (median short side {median} px) and are "
+                      f"enlarged; if the model takes smaller images, pass --resize and --crop "
+                      "to match (0 skips a step)", stacklevel=2)
+    return {"checked": len(shorts), "smaller_than_resize": len(small)}
 
 
 def first_batch(samples: SampleFolder):

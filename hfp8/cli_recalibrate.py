@@ -2,7 +2,7 @@
 model, and the one name of the BN mode (``--bn-recalibration``, as ``QuantConfig``).
 
 Every 4th batch of the folder (batch indices 3, 7, ...; with 2 or 3 batches, the last) is held
-out: the statistics come from the others, and the outputs of the model before and after are
+out (:class:`hfp8.calibration.batches.HeldOutSplit`): the statistics come from the others, and the outputs of the model before and after are
 compared with the float model's on the held-out batches. Per held-out sample ``i``, ``e_i`` is
 the squared output error relative to the float output's mean square (summed over outputs); the
 result is *worse* when the mean of ``e_after - e_before`` exceeds 3 standard errors of it (the
@@ -37,28 +37,6 @@ def bn_recalibration(args, default: str = "shift") -> str:
             raise UsageError(f"--bn-recalibration {chosen} and {spelled} disagree")
         chosen = value
     return chosen or default
-
-
-class _Batches:
-    """The batches of ``samples`` whose folder-wide index passes ``keep`` (re-iterable)."""
-
-    def __init__(self, samples, keep) -> None:
-        from hfp8.calibration import collective
-
-        self.samples, self.keep = samples, keep
-        self.rank, self.world = collective.world()
-
-    def __iter__(self):
-        for index, batch in enumerate(self.samples):
-            if self.keep(index * self.world + self.rank):
-                yield batch
-
-
-def _held_out(count: int):
-    """Which folder-wide batch indices are held out, for a folder of ``count`` batches."""
-    if count >= 4:
-        return lambda index: index % 4 == 3
-    return lambda index: index == count - 1
 
 
 def _errors(models: list, reference, batches) -> tuple[list[list[float]], float, list[float]]:
@@ -124,6 +102,7 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
     import hfp8
     from hfp8 import cli_inputs as inputs
     from hfp8.calibration import collective
+    from hfp8.calibration.batches import HeldOutSplit
     from hfp8.calibration.samples import SampleFolder
     from hfp8.cli_outputs import check_output, write_outputs
     from hfp8.model_files import load_model
@@ -145,16 +124,16 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
         raise inputs.UsageError(f"{args.calib} gives {count} batch; recalibrate-bn holds batches "
                                 "out to check the result and needs at least 2 (lower "
                                 "--batch-size, or --force to write it unchecked)")
-    held_out = _held_out(count) if count >= 2 else (lambda index: False)
+    split = HeldOutSplit(samples, count, *collective.world())
     before = copy.deepcopy(qmodel).eval()
-    bn = hfp8.recalibrate_batchnorm(qmodel, _Batches(samples, lambda i: not held_out(i)),
-                                    method=method, reference=reference, quiet=args.quiet)
+    bn = hfp8.recalibrate_batchnorm(qmodel, split.train, method=method, reference=reference,
+                                    quiet=args.quiet)
     getattr(qmodel, REPORT_ATTRIBUTE)["metadata"] = {**metadata, "architecture": arch}
     report = {"output": args.output, "batchnorm": bn}
     lines = [f"re-estimated {bn['batchnorm_layers']} BatchNorm layers ({bn['method']}) from "
              f"{bn['samples']} samples"]
     if count >= 2:
-        check = check_held_out(before, qmodel.eval(), reference, _Batches(samples, held_out))
+        check = check_held_out(before, qmodel.eval(), reference, split.held_out)
         report["held_out"] = check
         change = (f"held-out output SQNR vs the float model {check['sqnr_before_db']:.2f} dB -> "
                   f"{check['sqnr_after_db']:.2f} dB on {check['samples']} samples")

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -98,8 +99,24 @@ def _state_dict(payload) -> dict | None:
     return None
 
 
+def _import_from_here(module_name: str):
+    """``importlib.import_module`` with the current folder first on the import path, as
+    ``python -m`` has it (a console script's path starts at its own folder instead), so that
+    ``--arch mymodels:Net`` finds ``./mymodels.py``. The path is restored afterwards."""
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
 def build_architecture(spec: str) -> nn.Module:
-    """Call the factory named by ``spec`` (``package.module:factory`` or ``file.py:factory``)."""
+    """Call the factory named by ``spec`` (``package.module:factory`` or ``file.py:factory``;
+    a module is looked up from the current folder first, as ``python -m`` does)."""
     module_name, _, attribute = spec.rpartition(":")
     if not module_name or not attribute:
         raise ModelFileError(f"--arch {spec!r} must look like package.module:factory or "
@@ -113,7 +130,7 @@ def build_architecture(spec: str) -> nn.Module:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            module = _import_from_here(module_name)
     except ModelFileError:
         raise
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from hfp8.model_io import map_tensors
 
-__all__ = ["calibration_batches", "model_device", "Peeked", "to_device"]
+__all__ = ["calibration_batches", "model_device", "Peeked", "to_device", "HeldOutSplit"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -69,3 +69,40 @@ def calibration_batches(calibration, num_batches: int | None, device: torch.devi
             yield to_device(batch, device)
     finally:
         bar.close()
+
+
+class HeldOutSplit:
+    """Re-iterable views of ``batches`` that hold part of them out: batch ``u`` (counted over
+    the whole data set) is held out when ``u % 4 == 3``, or, with 2 or 3 batches in all, when it
+    is the last. ``train`` and ``held_out`` iterate the source anew each time (it must be
+    re-iterable: a list, a DataLoader, a SampleFolder). Sharded (torch.distributed), batch ``i``
+    of rank ``r`` is batch ``i * world + r`` of the whole, the round-robin order of
+    :class:`hfp8.calibration.SampleFolder`'s shards; ``total`` is the whole count."""
+
+    def __init__(self, batches: Iterable, total: int, rank: int = 0, world: int = 1) -> None:
+        if isinstance(batches, Iterator):
+            raise TypeError("holding batches out needs a re-iterable source (a list, a "
+                            "DataLoader, a SampleFolder), not an iterator")
+        self.batches, self.total, self.rank, self.world = batches, total, rank, world
+        self.train, self.held_out = _Filtered(self, False), _Filtered(self, True)
+
+    def is_held_out(self, index: int) -> bool:
+        if self.total < 2:
+            return False
+        return index % 4 == 3 if self.total >= 4 else index == self.total - 1
+
+
+class _Filtered:
+    def __init__(self, split: HeldOutSplit, held_out: bool) -> None:
+        self.split, self.wanted = split, held_out
+
+    def __iter__(self):
+        split = self.split
+        for index, batch in enumerate(split.batches):
+            if split.is_held_out(index * split.world + split.rank) == self.wanted:
+                yield batch
+
+    def __len__(self) -> int:
+        split = self.split
+        mine = range(split.rank, split.total, split.world)
+        return sum(split.is_held_out(u) == self.wanted for u in mine)

@@ -16,6 +16,7 @@ the samples (:func:`hfp8.training.finish_training`); the result is a normal quan
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -25,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hfp8.calibration import collective
-from hfp8.calibration.batches import model_device, to_device
+from hfp8.calibration.batches import HeldOutSplit, model_device, to_device
+from hfp8.ptq.config import REPORT_ATTRIBUTE
 from hfp8.model_io import call_model, output_leaves, split_batch
 from hfp8.training.config import TrainingConfig
 from hfp8.training.hybrid import finish_training, prepare_training
@@ -52,7 +54,7 @@ def distillation_loss(teacher_output, student_output) -> torch.Tensor:
 def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | None = None,
              epochs: int | None = None, lr: float = 1e-5, label_weight: float = 0.0,
              config: TrainingConfig = TrainingConfig(), communication: str = "e5m2",
-             quiet: bool = False) -> nn.Module:
+             quiet: bool = False, validation=None, hold_out: bool = True) -> nn.Module:
     """Fine-tune ``qmodel`` (from :func:`hfp8.quantize_model`; not modified) toward ``teacher``
     on ``batches`` (re-iterable: a list, a DataLoader, a SampleFolder) for ``steps`` optimizer
     steps or ``epochs`` passes (default: one epoch). Returns the fine-tuned quantized model;
@@ -63,7 +65,16 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
     the student is wrapped in DistributedDataParallel and its gradients are averaged in 1-5-2
     with error feedback (``communication="e5m2"``, :mod:`hfp8.training.communication`) or in
     float32 (``"float32"``). Every rank takes the same number of steps (the smallest shard
-    sets it), so uneven shards cannot hang the group; every rank returns the same model."""
+    sets it), so uneven shards cannot hang the group; every rank returns the same model.
+
+    **Never worse on held-out data.** The distillation loss of the deployable model is measured
+    on ``validation`` (batches never trained on) or, by default (``hold_out``), on every 4th
+    batch of ``batches``, which training then skips
+    (:class:`hfp8.calibration.batches.HeldOutSplit`). Unless the fine-tuned model's held-out
+    loss is lower than ``qmodel``'s, a copy of ``qmodel`` is returned instead; the report's
+    ``held_out`` says which (``kept``: ``"fine-tuned"`` or ``"input"``) with both losses.
+    With ``hold_out=False`` and no ``validation`` (or fewer than 2 batches) nothing is checked,
+    and the report says so."""
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
@@ -72,6 +83,7 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if communication not in ("e5m2", "float32"):
         raise ValueError(f"communication must be 'e5m2' or 'float32', got {communication!r}")
+    batches, validation = _split(batches, validation, hold_out)
     student, training = prepare_training(qmodel, config=config)
     teacher = teacher.eval()
     student.eval()  # frozen BatchNorm statistics and no dropout; gradients still flow
@@ -107,15 +119,44 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
     finally:
         bar.close()
     finished = finish_training(training, batches, quiet=quiet)
-    finished.hfp8_report["training"].update({
+    record = finished.hfp8_report["training"]
+    record.update({
         "kind": "distillation", "lr": lr, "seconds": time.perf_counter() - start,
         "loss_before": _mean_loss(qmodel, teacher, batches, device),
         "loss_after": _mean_loss(finished, teacher, batches, device)})
     if state is not None:
-        finished.hfp8_report["training"]["communication"] = {
+        record["communication"] = {
             "format": str(state.fmt), "error_feedback": state.error_feedback,
             "bytes_sent": state.bytes_sent, "float32_all_reduce_bytes": state.float32_bytes}
-    return finished
+    if validation is None:
+        record["held_out"] = {"checked": False}
+        return finished
+    before = _mean_loss(qmodel, teacher, validation, device)
+    after = _mean_loss(finished, teacher, validation, device)
+    kept = "fine-tuned" if after < before else "input"
+    record["held_out"] = {"checked": True, "loss_before": before, "loss_after": after,
+                          "kept": kept}
+    if kept == "fine-tuned":
+        return finished
+    unchanged = copy.deepcopy(qmodel).eval()  # the caller's model stays as it was
+    getattr(unchanged, REPORT_ATTRIBUTE)["training"] = record
+    return unchanged
+
+
+def _split(batches, validation, hold_out: bool):
+    """(batches to train on, batches to judge on or None); see :func:`finetune`."""
+    if validation is not None or not hold_out:
+        return batches, validation
+    try:
+        count = len(batches)
+    except TypeError:
+        return batches, None  # no length: nothing to hold out by position
+    rank, world = collective.world()
+    total = int(collective.all_reduce(torch.tensor(count))) if collective.active() else count
+    if total < 2:
+        return batches, None
+    split = HeldOutSplit(batches, total, rank, world)
+    return split.train, split.held_out
 
 
 @torch.no_grad()
