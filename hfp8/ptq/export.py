@@ -11,7 +11,8 @@ with ``s = 2^(b_default - b)``: the same numbers as the PyTorch model, bit for b
 :func:`hfp8.verify_onnx`). For export each quantized weight is stored as its FP8 codes (a
 ``torch.float8_*`` buffer) read through a parametrization that calls ``hfp8::dequantize_weight``;
 the layer's own forward then reads that weight, whatever its code does with it. The graph is
-then edited for onnxruntime (:mod:`hfp8.ptq.onnx_graph`), checked with ``onnx.checker`` (full
+then named and tagged (:mod:`hfp8.ptq.onnx_graph`), written in the form onnxruntime's QDQ
+transforms cannot mis-compute (:mod:`hfp8.ptq.onnx_fp8_form`), checked with ``onnx.checker`` (full
 check) and written atomically; the same model gives the same bytes.
 """
 
@@ -33,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from hfp8._files import atomic_write
 from hfp8.model_io import BatchError, map_tensors, split_batch
-from hfp8.ptq import onnx_graph
+from hfp8.ptq import onnx_fp8_form, onnx_graph
 from hfp8.ptq.ops import (
     UnsupportedFormatError,
     exportable_base,
@@ -233,9 +234,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
         raise ExportError(f"internal: no QuantizeLinear/DequantizeLinear found for the input of "
                           f"{missing[0]!r} in the exported graph")
     onnx_graph.name_quantization_nodes(onnx_model)
-    onnx_graph.clamps_as_max_min(onnx_model)
-    onnx_graph.bias_as_add(onnx_model)
-    onnx_graph.outputs_as_copies(onnx_model)
+    onnx_fp8_form.clamps_as_max_min(onnx_model)
+    onnx_fp8_form.bias_as_add(onnx_model)
+    onnx_fp8_form.outputs_as_copies(onnx_model)
     onnx_graph.strip_metadata(onnx_model)
     onnx_model.producer_name, onnx_model.producer_version = "hfp8-ptq", __version__
     try:

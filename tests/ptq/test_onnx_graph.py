@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hfp8
-from hfp8.ptq import onnx_graph, onnx_replay
+from hfp8.ptq import onnx_fp8_form, onnx_graph, onnx_replay
 from hfp8.ptq.export import _to_onnx, capture, deployment_form
 from hfp8.ptq.verify import passed
 from tests.exact_graphs import FAST, _dyadic_parameters
@@ -104,7 +104,7 @@ def test_a_relu_before_a_reshape_and_quantize_is_written_as_max(tmp_path):
     assert _difference(raw, OFF, qmodel, x) < 1e-4
     assert _difference(raw, DEFAULT, qmodel, x) > 1e-2
     fixed = _edited(raw)
-    assert onnx_graph.clamps_as_max_min(fixed) == 2  # before conv2 and before fc1's Reshape
+    assert onnx_fp8_form.clamps_as_max_min(fixed) == 2  # before conv2 and before fc1's Reshape
     assert not any(n.op_type == "Relu" for n in fixed.graph.node)
     assert _difference(fixed, DEFAULT, qmodel, x) < 1e-4
     hfp8.export_onnx(qmodel, tmp_path / "m.onnx", batches[0])
@@ -126,7 +126,7 @@ def test_a_relu_through_maxpool_before_quantize_is_written_as_max(tmp_path):
             expected = qmodel(x).numpy()
         assert np.abs(session.run(None, {"x": x.numpy()})[0] - expected).max() < 1e-4, rule
     fixed = _edited(raw)
-    assert onnx_graph.clamps_as_max_min(fixed) == 2  # c0's and c1's, upstream of a pair
+    assert onnx_fp8_form.clamps_as_max_min(fixed) == 2  # c0's and c1's, upstream of a pair
     assert _difference(fixed, DEFAULT, qmodel, x) < 1e-4
     hfp8.export_onnx(qmodel, tmp_path / "m.onnx", batches[0])
     assert passed(hfp8.verify_onnx(qmodel, tmp_path / "m.onnx", batches))
@@ -141,7 +141,7 @@ def test_a_clip_before_quantize_is_written_as_max_and_min(tmp_path):
     with pytest.raises(Exception, match="Unexpected data type for QuantizeLinear input y_zero_point"):
         onnx_replay.session(raw)  # a default session does not even load it
     fixed = _edited(raw)
-    assert onnx_graph.clamps_as_max_min(fixed) == 2
+    assert onnx_fp8_form.clamps_as_max_min(fixed) == 2
     assert not any(n.op_type == "Clip" for n in fixed.graph.node)
     assert _difference(fixed, DEFAULT, qmodel, batches[1]) < 1e-4
     hfp8.export_onnx(qmodel, tmp_path / "m.onnx", batches[0])
@@ -172,7 +172,7 @@ def test_a_bias_is_added_after_the_conv_so_onnxruntime_cannot_round_it_to_int32(
     assert np.array_equal(_outputs(raw, OFF, zero)[0], expected)
     assert not np.array_equal(_outputs(raw, DEFAULT, zero)[0], expected)
     fixed = _edited(raw)
-    assert onnx_graph.bias_as_add(fixed) == 3
+    assert onnx_fp8_form.bias_as_add(fixed) == 3
     assert np.array_equal(_outputs(fixed, DEFAULT, zero)[0], expected)
 
 
@@ -189,7 +189,7 @@ def test_a_float_weight_behind_a_quantized_input_is_not_rounded_to_int8(tmp_path
     assert _difference(raw, OFF, qmodel, x) < 1e-5
     assert _difference(raw, DEFAULT, qmodel, x) > 1e-3
     fixed = _edited(raw)
-    assert onnx_graph.bias_as_add(fixed) == 4  # three biases and one zero bias
+    assert onnx_fp8_form.bias_as_add(fixed) == 4  # three biases and one zero bias
     assert _difference(fixed, DEFAULT, qmodel, x) < 1e-5
     hfp8.export_onnx(qmodel, tmp_path / "m.onnx", batches[0])
     assert passed(hfp8.verify_onnx(qmodel, tmp_path / "m.onnx", batches))
@@ -261,8 +261,8 @@ class OutputThroughTranspose(nn.Module):
 
 
 EDITS = {"name_quantization_nodes": onnx_graph.name_quantization_nodes,
-         "clamps_as_max_min": onnx_graph.clamps_as_max_min,
-         "bias_as_add": onnx_graph.bias_as_add, "outputs_as_copies": onnx_graph.outputs_as_copies,
+         "clamps_as_max_min": onnx_fp8_form.clamps_as_max_min,
+         "bias_as_add": onnx_fp8_form.bias_as_add, "outputs_as_copies": onnx_fp8_form.outputs_as_copies,
          "strip_metadata": onnx_graph.strip_metadata}
 
 
@@ -279,13 +279,13 @@ def test_a_returned_value_read_upstream_of_a_pair_gets_its_own_copy():
     is also a graph output: a default session returns that output rounded to FP8."""
     qmodel, batches = _dyadic_quantized(OutputThroughTranspose)
     raw, x = _raw(qmodel, batches[0]), batches[1]
-    others = _edited(raw, onnx_graph.clamps_as_max_min, onnx_graph.bias_as_add)
+    others = _edited(raw, onnx_fp8_form.clamps_as_max_min, onnx_fp8_form.bias_as_add)
     with torch.no_grad():
         expected = [t.numpy() for t in qmodel(x)]
     assert np.array_equal(_outputs(others, OFF, x)[1], expected[1])
     assert not np.array_equal(_outputs(others, DEFAULT, x)[1], expected[1])
     fixed = _edited(others)
-    assert onnx_graph.outputs_as_copies(fixed) == 1
+    assert onnx_fp8_form.outputs_as_copies(fixed) == 1
     assert all(np.array_equal(a, e) for a, e in zip(_outputs(fixed, DEFAULT, x), expected))
 
 

@@ -1,7 +1,5 @@
 """HFP8 training: forward and backward roundings checked against torch's own float8 casts."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
