@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfp8.calibration import collective
 from hfp8.model_io import map_tensors
 
-__all__ = ["calibration_batches", "model_device", "Peeked", "to_device", "HeldOutSplit"]
+__all__ = ["calibration_batches", "current_batch", "model_device", "Peeked", "to_device",
+           "HeldOutSplit"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -55,19 +57,48 @@ class Peeked:
         return len(self._source)
 
 
+_current_batch: int | None = None  # the batch a pass is running, counted over all ranks
+
+
+def current_batch() -> int | None:
+    """Index of the batch the running pass is on, counted over the whole data set (batch ``i``
+    of rank ``r`` of ``w`` is ``i * w + r``), or None outside a pass. Seeded sampling derives its
+    seed from it (:meth:`HistogramObserver.observe`, :meth:`InputMoments.observe`), so that a
+    batch draws the same samples whichever rank runs it: sharded results equal one process's."""
+    return _current_batch
+
+
+def reseed_for_batch(owner) -> None:
+    """Re-seed ``owner.generator`` from ``owner.seed`` and the running batch's index, once per
+    batch (``owner._batch`` remembers it); outside a pass the generator runs on unchanged."""
+    batch = _current_batch
+    if batch is not None and batch != owner._batch:
+        owner._batch = batch
+        owner.generator.manual_seed(owner.seed * 1_000_003 + batch)
+
+
 def calibration_batches(calibration, num_batches: int | None, device: torch.device,
                         description: str, quiet: bool) -> Iterator:
-    """Yields at most ``num_batches`` batches moved to ``device``, behind a tqdm bar."""
+    """Yields the batches moved to ``device``, behind a tqdm bar: at most ``num_batches`` over
+    the whole data set, that is, under torch.distributed the local batches ``i`` with
+    ``i * world + rank < num_batches`` (one process: the first ``num_batches``). While a batch
+    is out, :func:`current_batch` gives its index over the whole data set."""
+    global _current_batch
     if not isinstance(calibration, Iterable) or torch.is_tensor(calibration):
         raise TypeError("calibration must be an iterable of input batches (a list of tensors, a "
                         f"DataLoader, a SampleFolder), got {type(calibration).__name__}")
-    batches = calibration if num_batches is None else itertools.islice(calibration, num_batches)
-    bar = tqdm(batches, total=_length(calibration, num_batches), desc=description, unit="batch",
+    rank, world = collective.world()
+    local = None if num_batches is None else max(0, -(-(num_batches - rank) // world))
+    batches = calibration if local is None else itertools.islice(calibration, local)
+    bar = tqdm(batches, total=_length(calibration, local), desc=description, unit="batch",
                disable=quiet, leave=False, dynamic_ncols=True)
+    outer = _current_batch
     try:
-        for batch in bar:
+        for index, batch in enumerate(bar):
+            _current_batch = index * world + rank
             yield to_device(batch, device)
     finally:
+        _current_batch = outer
         bar.close()
 
 

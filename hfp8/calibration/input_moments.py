@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hfp8.calibration import collective
+from hfp8.calibration.batches import reseed_for_batch
 
 __all__ = ["InputMoments", "supports"]
 
@@ -91,12 +92,14 @@ class InputMoments:
         # layer of 960 channels needs few rows per channel for its 9 x 9 moments)
         width = layer.weight[0].numel() * (layer.groups if hasattr(layer, "groups") else 1)
         self.max_rows = min(max_rows, max(256, max_values // max(width, 1)))
+        self.seed, self._batch = seed, None
         self.generator = torch.Generator().manual_seed(seed)
         self.sum: torch.Tensor | None = None
         self.count = 0
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        reseed_for_batch(self)  # the same rows of a batch on whichever rank runs it
         rows = _rows(self.layer, x.detach().float(), self.max_rows, self.generator)
         moment = torch.bmm(rows.transpose(1, 2), rows).double().cpu()
         self.sum = moment if self.sum is None else self.sum + moment

@@ -13,8 +13,9 @@ error is the same either way). The bin's squared error is then exactly
 :func:`hfp8.select_exponent_bias` on the whole data. For wider mantissas it is an approximation.
 
 To keep calibration cheap on large activations, each :meth:`observe` call puts at most
-``sample_size`` values (drawn uniformly with replacement by a seeded generator) into the
-histogram; smaller tensors go in whole. The max is always exact over every value.
+``sample_size`` values (drawn uniformly with replacement by a seeded generator, re-seeded for
+each batch from its index over the whole data set, so that a batch draws the same values on
+whichever rank runs it) into the histogram; smaller tensors go in whole. The max is always exact over every value.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import torch
 
 from hfp8.calibration import collective
+from hfp8.calibration.batches import reseed_for_batch
 from hfp8.calibration.bias_selection import (
     BIAS_METHODS,
     DEFAULT_SEARCH_RADIUS,
@@ -54,6 +56,7 @@ class HistogramObserver:
 
     def __init__(self, sample_size: int = 1 << 16, seed: int = 0) -> None:
         self.sample_size = sample_size
+        self.seed, self._batch = seed, None
         self.generator = torch.Generator().manual_seed(seed)
         self.amax = 0.0
         self.num_values = 0  # every value seen (finite or not)
@@ -80,6 +83,7 @@ class HistogramObserver:
             batch_max = finite.abs().max() if finite.numel() else batch_max.new_zeros(())
         self.amax = max(self.amax, float(batch_max))
         if values.numel() > self.sample_size:
+            reseed_for_batch(self)
             index = torch.randint(values.numel(), (self.sample_size,), generator=self.generator)
             values = values[index.to(values.device)]
         magnitude = values.float().abs().cpu()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hfp8.calibration import collective
-from hfp8.calibration.batches import calibration_batches, model_device
+from hfp8.calibration.batches import calibration_batches, current_batch, model_device
 from hfp8.model_io import call_model, output_leaves, slice_batch
 
 __all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db"]
@@ -69,6 +69,7 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
     elements = samples = 0
     device = model_device(reference)
     for batch in calibration_batches(batches, num_batches, device, "Layer sensitivity", quiet):
+        generator.manual_seed(seed * 1_000_003 + current_batch())  # the same on any rank
         if max_samples is not None:
             batch = slice_batch(batch, max_samples)
         scales = {}
