@@ -150,7 +150,10 @@ def dry_run(model, batch, folder, config: SampleConfig | None = None) -> None:
     lower bound of what a forward needs."""
     try:
         size = len(next(iter(_tensors(batch))))
-        per_sample = _largest_activation(model, slice_batch(batch, 1))
+        try:  # an estimate only: a model that needs batches of 2 or more is tried as it is
+            per_sample = _largest_activation(model, slice_batch(batch, 1))
+        except Exception:  # noqa: BLE001 - the full batch below says what is wrong, if anything
+            per_sample = 0
         available = _available_memory()
         if available is not None and per_sample * size > available:
             hint = "" if config is None else (f" at --resize {config.resize or 0} --crop "

@@ -214,3 +214,22 @@ def test_exif_orientation_is_applied(tmp_path):
     tensor = _read(tmp_path / "turned.png", 3)
     assert tensor.shape == (3, 4, 2)
     assert np.array_equal(tensor.numpy(), upright.transpose(2, 0, 1).astype(np.float32) / np.float32(255))
+
+
+def test_the_memory_estimate_never_refuses_a_model_that_needs_batches_of_two(demo, tmp_path):
+    (tmp_path / "two.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(28 * 28, 10)\n"
+        "    def forward(self, x):\n"
+        "        assert x.shape[0] > 1, 'batch of one'\n"
+        "        return self.fc(x.flatten(1))\n"
+        "def build():\n    return Net()\n")
+    torch.manual_seed(0)
+    state = {f"fc.{k}": v for k, v in torch.nn.Linear(28 * 28, 10).state_dict().items()}
+    torch.save(state, tmp_path / "two.pt")
+    result = run("evaluate", tmp_path / "two.pt", "--arch", f"{tmp_path / 'two.py'}:build",
+                 "--data", demo / "test", *FLAGS, "--quiet", check_code=0)
+    assert "top-1 accuracy" in result.stdout
