@@ -248,6 +248,17 @@ class ReluOfTheInput(nn.Module):
         return self.c1(y), y
 
 
+class InputIsAnOutput(nn.Module):
+    """The graph input is returned as it is, and quantized layers read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.c1(torch.relu(self.c0(x))), x
+
+
 class OutputThroughTranspose(nn.Module):
     """A returned feature map also transposed into a quantized layer (fuzz seed 281)."""
 
@@ -290,7 +301,7 @@ def test_a_returned_value_read_upstream_of_a_pair_gets_its_own_copy():
 
 
 @pytest.mark.parametrize("structure", [ReluIsAnOutput, ReluReadTwice, ReluOfTheInput,
-                                       OutputThroughTranspose])
+                                       InputIsAnOutput, OutputThroughTranspose])
 @pytest.mark.parametrize("edit", [*EDITS, "all, as export_onnx"])
 def test_an_edit_never_changes_what_a_graph_output_computes(structure, edit, tmp_path):
     """Dyadic weights and integer inputs make every sum exact, so the edited graph must give
