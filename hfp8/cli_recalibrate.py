@@ -67,16 +67,13 @@ def _errors(models: list, reference, batches) -> tuple[list[list[float]], float,
     return per_sample, signal, noise
 
 
-def _sqnr(signal: float, noise: float) -> float:
-    return math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
-
-
 def check_held_out(before, after, reference, batches) -> dict:
     """The paired test of ``after`` against ``before`` on ``batches`` (see the module
     docstring), reduced over ranks."""
     import torch
 
     from hfp8.calibration import collective
+    from hfp8.ptq.verify import _sqnr  # the SQNR convention of verification's reports
 
     (errors_before, errors_after), signal, noise = _errors([before, after], reference, batches)
     differences = torch.tensor([a - b for a, b in zip(errors_after, errors_before)],

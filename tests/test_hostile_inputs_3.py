@@ -80,22 +80,27 @@ def test_a_deflated_pt_sample_is_refused_from_its_zip_directory(demo, tmp_path):
     assert peak - base < 200 * 1024, (base, peak)  # was +1.3 GB
 
 
-def test_a_model_returning_integers_is_an_input_error_for_top1(demo, tmp_path):
-    (tmp_path / "argmax.py").write_text(
+def _linear_model(folder, forward: str) -> tuple:
+    """(weights file, --arch spec) of a one-Linear model on 28 x 28 images whose forward body
+    is ``forward`` (one line, ``x`` the input)."""
+    (folder / "net.py").write_text(
         "import torch\nfrom torch import nn\n"
         "class Net(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.fc = nn.Linear(28 * 28, 10)\n"
         "    def forward(self, x):\n"
-        "        return self.fc(x.flatten(1)).argmax(1)\n"
+        f"        {forward}\n"
         "def build():\n    return Net()\n")
     torch.manual_seed(0)
-    torch.save(torch.nn.Linear(28 * 28, 10).state_dict(), tmp_path / "fc.pt")
-    state = {f"fc.{k}": v for k, v in torch.load(tmp_path / "fc.pt", weights_only=True).items()}
-    torch.save(state, tmp_path / "argmax.pt")
-    result = run("evaluate", tmp_path / "argmax.pt", "--arch", f"{tmp_path / 'argmax.py'}:build",
-                 "--data", demo / "test", *FLAGS, "--quiet")
+    state = {f"fc.{k}": v for k, v in torch.nn.Linear(28 * 28, 10).state_dict().items()}
+    torch.save(state, folder / "net.pt")
+    return folder / "net.pt", f"{folder / 'net.py'}:build"
+
+
+def test_a_model_returning_integers_is_an_input_error_for_top1(demo, tmp_path):
+    weights, arch = _linear_model(tmp_path, "return self.fc(x.flatten(1)).argmax(1)")
+    result = run("evaluate", weights, "--arch", arch, "--data", demo / "test", *FLAGS, "--quiet")
     _assert_input_error(result, "one score per class", "(N, classes)", "--reference")
 
 
@@ -217,19 +222,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_the_memory_estimate_never_refuses_a_model_that_needs_batches_of_two(demo, tmp_path):
-    (tmp_path / "two.py").write_text(
-        "import torch\nfrom torch import nn\n"
-        "class Net(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.fc = nn.Linear(28 * 28, 10)\n"
-        "    def forward(self, x):\n"
-        "        assert x.shape[0] > 1, 'batch of one'\n"
-        "        return self.fc(x.flatten(1))\n"
-        "def build():\n    return Net()\n")
-    torch.manual_seed(0)
-    state = {f"fc.{k}": v for k, v in torch.nn.Linear(28 * 28, 10).state_dict().items()}
-    torch.save(state, tmp_path / "two.pt")
-    result = run("evaluate", tmp_path / "two.pt", "--arch", f"{tmp_path / 'two.py'}:build",
-                 "--data", demo / "test", *FLAGS, "--quiet", check_code=0)
+    weights, arch = _linear_model(tmp_path, "assert x.shape[0] > 1; return self.fc(x.flatten(1))")
+    result = run("evaluate", weights, "--arch", arch, "--data", demo / "test", *FLAGS, "--quiet",
+                 check_code=0)
     assert "top-1 accuracy" in result.stdout
