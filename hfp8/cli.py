@@ -218,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "gives up (default 600)")
     for p in (q, r, e, v, i, x, t):
         p.add_argument("--json", action="store_true", help="print the report as JSON")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        # inspect and example have no progress to hide: they accept --quiet (scripts pass it
+        # to every command) without offering it
+        quiet_help = argparse.SUPPRESS if p in (i, x) else "no progress bars or phase lines"
+        p.add_argument("--quiet", action="store_true", help=quiet_help)
         p.add_argument("--debug", action="store_true", help="show the traceback of any error")
     return parser
 

@@ -38,7 +38,7 @@ def test_images_smaller_than_resize_are_said_to_be_enlarged(demo):
 
 
 def test_inspect_shows_what_the_file_records(demo):
-    text = run("inspect", "q.pt", cwd=demo, check_code=0).stdout
+    text = run("inspect", "q.pt", "--quiet", cwd=demo, check_code=0).stdout
     assert "architecture: hfp8.examples:fashion_cnn" in text
     assert "preprocessing: channels 1" in text and '"shape": [1, 28, 28]' in text
 
@@ -61,3 +61,5 @@ def test_help_says_what_flags_do_where_they_do_it():
     assert "seed for choosing --num-samples and for random verification inputs" in export
     quantize = " ".join(run("quantize", "--help", check_code=0).stdout.split())
     assert "default 2 here; SampleConfig's default 0" in quantize
+    for command in ("inspect", "example"):  # nothing to hide: not offered, still accepted
+        assert "--quiet" not in run(command, "--help", check_code=0).stdout
