@@ -17,7 +17,8 @@ import torch
 import hfp8
 from hfp8.calibration.samples import SampleConfig, SampleError, SampleFolder
 from hfp8.model_files import build_architecture, file_kind, load_model
-from hfp8.model_io import call_model, map_tensors, slice_batch
+from hfp8.model_io import (batch_size, call_model, leaf_hooks, map_tensors, output_leaves,
+                           slice_batch)
 from hfp8.ptq.export import MANIFEST_KEY
 from hfp8.ptq.saving import check_manifest
 from hfp8.ptq.transform import REPORT_ATTRIBUTE
@@ -123,24 +124,12 @@ def _largest_activation(model, batch) -> int:
         return 0
 
     def hook(module, args, output):
-        for tensor in _tensors(output):
+        for _, tensor in output_leaves(output):
             largest[0] = max(largest[0], tensor.numel() * tensor.element_size())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with leaf_hooks(model, hook), torch.no_grad():
+        call_model(model, batch)
     return largest[0]
-
-
-def _tensors(output) -> list:
-    """Every tensor in a nested output or batch."""
-    leaves: list = []
-    map_tensors(output, leaves.append)
-    return leaves
 
 
 def dry_run(model, batch, folder, config: SampleConfig | None = None) -> None:
@@ -149,7 +138,7 @@ def dry_run(model, batch, folder, config: SampleConfig | None = None) -> None:
     tried: its largest layer output alone (measured on one sample, times the batch size) is a
     lower bound of what a forward needs."""
     try:
-        size = len(next(iter(_tensors(batch))))
+        size = batch_size(batch)
         try:  # an estimate only: a model that needs batches of 2 or more is tried as it is
             per_sample = _largest_activation(model, slice_batch(batch, 1))
         except Exception:  # noqa: BLE001 - the full batch below says what is wrong, if anything

@@ -40,30 +40,27 @@ def bn_recalibration(args, default: str = "shift") -> str:
 
 
 def _errors(models: list, reference, batches) -> tuple[list[list[float]], float, list[float]]:
-    """Per held-out sample, each model's squared output error relative to the reference;
-    the reference's output energy and each model's error energy (for SQNR)."""
+    """Per held-out sample, each model's squared output error relative to the reference (as
+    verification measures it); the reference's output energy and each model's error energy."""
     import torch
 
     from hfp8.model_io import call_model, output_leaves
+    from hfp8.ptq.verify import _per_sample_errors
 
     per_sample: list[list[float]] = [[] for _ in models]
     signal, noise = 0.0, [0.0 for _ in models]
     with torch.no_grad():
         for batch in batches:
-            wanted = [t.double() for _, t in output_leaves(call_model(reference, batch))
+            wanted = [t for _, t in output_leaves(call_model(reference, batch))
                       if t.is_floating_point()]
+            signal += sum(float(t.double().square().sum()) for t in wanted)
             size = int(wanted[0].shape[0]) if wanted and wanted[0].dim() else 1
-            signal += sum(float(t.square().sum()) for t in wanted)
             for index, model in enumerate(models):
-                got = [t.double() for _, t in output_leaves(call_model(model, batch))
+                got = [t for _, t in output_leaves(call_model(model, batch))
                        if t.is_floating_point()]
-                total = torch.zeros(size, dtype=torch.float64)
-                for g, w in zip(got, wanted):
-                    error = (g - w).square()
-                    noise[index] += float(error.sum())
-                    scale = float(w.square().mean()) or 1.0
-                    total += error.reshape(size, -1).sum(1) / scale
-                per_sample[index].extend(total.tolist())
+                noise[index] += sum(float((g.double() - w.double()).square().sum())
+                                    for g, w in zip(got, wanted))
+                per_sample[index].extend(_per_sample_errors(got, wanted, size))
     return per_sample, signal, noise
 
 
@@ -94,11 +91,8 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
     # imported here, not at the top: building the parser must stay light (see cli_finetune)
     import copy
 
-    import torch
-
     import hfp8
     from hfp8 import cli_inputs as inputs
-    from hfp8.calibration import collective
     from hfp8.calibration.batches import HeldOutSplit
     from hfp8.calibration.samples import SampleFolder
     from hfp8.cli_outputs import check_output, write_outputs
@@ -116,12 +110,11 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
     samples = SampleFolder(args.calib, inputs.sample_config(args, metadata.get("preprocessing")))
     inputs.dry_run(qmodel, inputs.first_batch(samples), args.calib, samples.config)
     reference = load_model(args.reference, arch, args.trust_pickle).eval()
-    count = int(collective.all_reduce(torch.tensor(len(samples))))  # batches, all ranks
-    if count < 2 and not args.force:
-        raise inputs.UsageError(f"{args.calib} gives {count} batch; recalibrate-bn holds batches "
-                                "out to check the result and needs at least 2 (lower "
+    split = HeldOutSplit(samples)
+    if split.total < 2 and not args.force:
+        raise inputs.UsageError(f"{args.calib} gives {split.total} batch; recalibrate-bn holds "
+                                "batches out to check the result and needs at least 2 (lower "
                                 "--batch-size, or --force to write it unchecked)")
-    split = HeldOutSplit(samples, count, *collective.world())
     before = copy.deepcopy(qmodel).eval()
     bn = hfp8.recalibrate_batchnorm(qmodel, split.train, method=method, reference=reference,
                                     quiet=args.quiet)
@@ -129,7 +122,7 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
     report = {"output": args.output, "batchnorm": bn}
     lines = [f"re-estimated {bn['batchnorm_layers']} BatchNorm layers ({bn['method']}) from "
              f"{bn['samples']} samples"]
-    if count >= 2:
+    if split.total >= 2:
         check = check_held_out(before, qmodel.eval(), reference, split.held_out)
         report["held_out"] = check
         change = (f"held-out output SQNR vs the float model {check['sqnr_before_db']:.2f} dB -> "

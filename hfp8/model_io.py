@@ -17,13 +17,14 @@ nested: :func:`output_leaves` names every tensor leaf by its path (``"0"``, ``"l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size",
+__all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size", "leaf_hooks",
            "output_leaves", "positional_capacity", "describe", "describe_batch", "slice_batch"]
 
 
@@ -164,3 +165,15 @@ def output_leaves(output, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     for key, item in items:
         leaves.extend(output_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
     return leaves
+
+
+@contextlib.contextmanager
+def leaf_hooks(model: torch.nn.Module, hook: Callable):
+    """``hook(module, inputs, output)`` as a forward hook on every leaf module of ``model``
+    while the block runs; removed in any case."""
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -105,16 +105,20 @@ def calibration_batches(calibration, num_batches: int | None, device: torch.devi
 class HeldOutSplit:
     """Re-iterable views of ``batches`` that hold part of them out: batch ``u`` (counted over
     the whole data set) is held out when ``u % 4 == 3``, or, with 2 or 3 batches in all, when it
-    is the last. ``train`` and ``held_out`` iterate the source anew each time (it must be
-    re-iterable: a list, a DataLoader, a SampleFolder). Sharded (torch.distributed), batch ``i``
-    of rank ``r`` is batch ``i * world + r`` of the whole, the round-robin order of
-    :class:`hfp8.calibration.SampleFolder`'s shards; ``total`` is the whole count."""
+    is the last; with one batch, none is. ``train`` and ``held_out`` iterate the source anew each
+    time (it must be re-iterable and have a length: a list, a DataLoader, a SampleFolder).
+    Sharded (torch.distributed), batch ``i`` of rank ``r`` is batch ``i * world + r`` of the
+    whole, the round-robin order of :class:`hfp8.calibration.SampleFolder`'s shards; ``total``,
+    the whole count, is summed over ranks."""
 
-    def __init__(self, batches: Iterable, total: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, batches: Iterable) -> None:
         if isinstance(batches, Iterator):
             raise TypeError("holding batches out needs a re-iterable source (a list, a "
                             "DataLoader, a SampleFolder), not an iterator")
-        self.batches, self.total, self.rank, self.world = batches, total, rank, world
+        self.batches = batches
+        self.rank, self.world = collective.world()
+        count = torch.tensor(len(batches))
+        self.total = int(collective.all_reduce(count)) if collective.active() else int(count)
         self.train, self.held_out = _Filtered(self, False), _Filtered(self, True)
 
     def is_held_out(self, index: int) -> bool:

@@ -29,6 +29,8 @@ import math
 import torch
 from torch import nn
 
+from hfp8.model_io import leaf_hooks
+
 __all__ = ["accumulation_length", "relative_bound", "UNIT_ROUNDOFF"]
 
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
@@ -70,13 +72,8 @@ def accumulation_length(model: nn.Module, args: tuple, kwargs: dict) -> int:
     def hook(module, inputs, output):
         total[0] += _terms(module, inputs)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if not list(m.children())]
-    try:
+    with leaf_hooks(model, hook):
         model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
     return max(total[0], 1)
 
 

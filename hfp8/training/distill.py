@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from hfp8.calibration import collective
 from hfp8.calibration.batches import HeldOutSplit, model_device, to_device
-from hfp8.ptq.config import REPORT_ATTRIBUTE
 from hfp8.model_io import call_model, output_leaves, split_batch
+from hfp8.ptq.config import REPORT_ATTRIBUTE
 from hfp8.training.config import TrainingConfig
 from hfp8.training.hybrid import finish_training, prepare_training
 
@@ -148,15 +148,10 @@ def _split(batches, validation, hold_out: bool):
     if validation is not None or not hold_out:
         return batches, validation
     try:
-        count = len(batches)
+        split = HeldOutSplit(batches)
     except TypeError:
-        return batches, None  # no length: nothing to hold out by position
-    rank, world = collective.world()
-    total = int(collective.all_reduce(torch.tensor(count))) if collective.active() else count
-    if total < 2:
-        return batches, None
-    split = HeldOutSplit(batches, total, rank, world)
-    return split.train, split.held_out
+        return batches, None  # an iterator, or no length: nothing to hold out by position
+    return (split.train, split.held_out) if split.total >= 2 else (batches, None)
 
 
 @torch.no_grad()
