@@ -67,15 +67,18 @@ def check_replaceable(target: Path) -> None:
                       "device); refusing to replace it", str(target))
 
 
-def _create(target: Path) -> str:
+def _temporary_for(target: Path) -> str:
+    """The (not yet created) temporary for ``target``, after checking the target may be written."""
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(errno.ENOENT, "output folder does not exist", str(directory))
     check_replaceable(target)
-    temporary = _temporary_name(target, directory)
+    return str(_temporary_name(target, directory))
+
+
+def _create_exclusive(temporary: str) -> None:
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
     os.close(descriptor)
-    return str(temporary)
 
 
 def _place_new(temporary: str, target: Path) -> None:
@@ -131,7 +134,14 @@ def atomic_write_all(paths: list[str | os.PathLike], write: Callable[[list[str]]
             if not overwrite and os.path.lexists(target):
                 raise OutputExistsError(errno.EEXIST, "already exists (pass --overwrite to "
                                         "replace it)", str(target))
-            temporaries.append(_create(target))
+            # the name is recorded before the file exists: an interrupt (SIGINT, SIGTERM) that
+            # lands right after the create still finds it in the clean-up below
+            temporaries.append(_temporary_for(target))
+            try:
+                _create_exclusive(temporaries[-1])
+            except FileExistsError:  # not ours (a 48-bit name collision): never remove it
+                temporaries.pop()
+                raise
         write(temporaries)
         for temporary in temporaries:
             with open(temporary, "rb") as stream:

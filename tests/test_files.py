@@ -56,6 +56,31 @@ def test_interrupted_write_leaves_no_temporary(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("interrupted_create", [1, 2])
+def test_an_interrupt_right_after_a_temporary_is_created_leaves_nothing(tmp_path, monkeypatch,
+                                                                         interrupted_create):
+    """A signal lands the instant ``os.open`` has created a temporary, before our code runs
+    again (CI caught SIGTERM leaving ``.q.onnx.*.tmp`` this way)."""
+    import os
+    real_open, calls = os.open, []
+
+    def open_then_interrupt(path, *args, **kwargs):
+        descriptor = real_open(path, *args, **kwargs)
+        if str(path).endswith(".tmp"):
+            calls.append(path)
+            if len(calls) == interrupted_create:
+                os.close(descriptor)
+                raise KeyboardInterrupt
+        return descriptor
+
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_all([tmp_path / "a.pt", tmp_path / "b.onnx"], lambda temporaries: None)
+    monkeypatch.undo()
+    assert len(calls) == interrupted_create
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_without_overwrite_a_target_that_appears_meanwhile_is_not_replaced(tmp_path):
     """Issue 12 item 7: two runs racing for one name. The other run's file appears while we
     write; the final hard link refuses to replace it, and our group takes back what it placed."""
