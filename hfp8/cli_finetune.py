@@ -19,6 +19,9 @@ def finetune(args) -> tuple[dict, str, int]:
                  arch=getattr(args, "arch", None))
     if args.steps is not None and args.epochs is not None:
         raise inputs.UsageError("give --steps or --epochs, not both")
+    for name in ("steps", "epochs", "patience"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise inputs.UsageError(f"--{name} must be at least 1")
     qmodel, arch = inputs.load_qmodel(args.qmodel, args.arch)
     metadata = getattr(qmodel, REPORT_ATTRIBUTE).get("metadata") or {}
     teacher = load_model(args.reference, arch, args.trust_pickle)
@@ -34,7 +37,9 @@ def finetune(args) -> tuple[dict, str, int]:
                                                                  labels=labelled))
     tuned = run_finetune(qmodel, teacher, samples, steps=args.steps, epochs=args.epochs,
                          lr=args.lr, label_weight=args.label_weight if labelled else 0.0,
-                         config=config, quiet=args.quiet, validation=validation)
+                         config=config, quiet=args.quiet, validation=validation,
+                         augment=not args.no_augment, schedule=args.lr_schedule,
+                         patience=args.patience)
     getattr(tuned, REPORT_ATTRIBUTE)["metadata"] = {**metadata, "architecture": arch}
     report = {"output": args.output}
 
@@ -56,10 +61,15 @@ def finetune(args) -> tuple[dict, str, int]:
 def _held_out_text(held: dict) -> str:
     if not held.get("checked"):
         return "held-out check: none (fewer than 2 batches and no --val)"
-    change = f"{held['loss_before']:.4g} -> {held['loss_after']:.4g}"
+    epochs = held["epochs"]
+    stopped = " (stopped early)" if held.get("stopped_early") else ""
     if held["kept"] == "fine-tuned":
-        return f"held-out distillation loss {change}: the fine-tuned model is written"
-    return f"no held-out gain (distillation loss {change}): the input model is written unchanged"
+        return (f"held-out distillation loss {held['loss_before']:.4g} -> {held['loss_after']:.4g} "
+                f"(epoch {held['epoch']} of {len(epochs)} kept{stopped}): the fine-tuned model "
+                f"is written")
+    tried = ", ".join(f"{epoch['loss']:.4g}" for epoch in epochs)
+    return (f"no held-out gain (distillation loss {held['loss_before']:.4g}; after each epoch "
+            f"{tried}{stopped}): the input model is written unchanged")
 
 
 def add_parser(command, model_arguments, sample_arguments) -> None:
@@ -80,6 +90,14 @@ def add_parser(command, model_arguments, sample_arguments) -> None:
     f.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
     f.add_argument("--label-weight", type=float, default=1.0,
                    help="weight of the cross-entropy term with --data (default 1)")
+    f.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: decay --lr to 0 over the steps (default); constant: keep it")
+    f.add_argument("--no-augment", action="store_true",
+                   help="train on the samples as they are (default: random resized crops and "
+                   "mirror images of image inputs, the same view for teacher and student)")
+    f.add_argument("--patience", type=int, metavar="N",
+                   help="stop after N epochs without a better held-out loss (default: run every "
+                   "epoch; the best one is kept either way)")
     f.add_argument("--stochastic-gradients", action="store_true",
                    help="round gradients stochastically (seeded by --seed)")
     model_arguments(f)

@@ -4,7 +4,12 @@ distillation fine-tune after PTQ. See :mod:`hfp8.training.hybrid` and
 
 from hfp8.training.config import TrainingConfig
 from hfp8.training.distill import distillation_loss, finetune
-from hfp8.training.hybrid import HybridTraining, finish_training, prepare_training
+from hfp8.training.hybrid import (
+    HybridTraining,
+    deployable_snapshot,
+    finish_training,
+    prepare_training,
+)
 
-__all__ = ["HybridTraining", "TrainingConfig", "distillation_loss", "finetune",
-           "finish_training", "prepare_training"]
+__all__ = ["HybridTraining", "TrainingConfig", "deployable_snapshot", "distillation_loss",
+           "finetune", "finish_training", "prepare_training"]

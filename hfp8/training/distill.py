@@ -30,9 +30,10 @@ from hfp8.calibration.batches import HeldOutSplit, model_device, to_device
 from hfp8.model_io import call_model, output_leaves, split_batch
 from hfp8.ptq.config import REPORT_ATTRIBUTE
 from hfp8.training.config import TrainingConfig
-from hfp8.training.hybrid import finish_training, prepare_training
+from hfp8.training.augment import augment_inputs
+from hfp8.training.hybrid import deployable_snapshot, finish_training, prepare_training
 
-__all__ = ["finetune", "distillation_loss"]
+__all__ = ["finetune", "distillation_loss", "SCHEDULES"]
 
 
 def distillation_loss(teacher_output, student_output) -> torch.Tensor:
@@ -51,30 +52,45 @@ def distillation_loss(teacher_output, student_output) -> torch.Tensor:
     return total
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | None = None,
              epochs: int | None = None, lr: float = 1e-5, label_weight: float = 0.0,
              config: TrainingConfig = TrainingConfig(), communication: str = "e5m2",
-             quiet: bool = False, validation=None, hold_out: bool = True) -> nn.Module:
+             quiet: bool = False, validation=None, hold_out: bool = True, augment: bool = True,
+             schedule: str = "cosine", patience: int | None = None) -> nn.Module:
     """Fine-tune ``qmodel`` (from :func:`hfp8.quantize_model`; not modified) toward ``teacher``
     on ``batches`` (re-iterable: a list, a DataLoader, a SampleFolder) for ``steps`` optimizer
     steps or ``epochs`` passes (default: one epoch). Returns the fine-tuned quantized model;
     its report (manifest) records the training: steps, skipped steps, and the distillation loss
     on ``batches`` of ``qmodel`` (``loss_before``) and of the returned model (``loss_after``).
 
+    **Few samples.** With ``augment`` each step's image inputs are replaced by random resized
+    crops and mirror images, the same views for teacher and student
+    (:mod:`hfp8.training.augment`; seeded by ``config.seed``); inputs that are not images are
+    used as they are. The learning rate follows ``schedule``: ``"cosine"`` decays it from ``lr``
+    to 0 over the planned steps (Loshchilov & Hutter, SGDR, 2017), ``"constant"`` keeps it.
+
+    **Never worse on held-out data; the best epoch is kept.** The distillation loss of the
+    deployable model is measured on ``validation`` (batches never trained on) or, by default
+    (``hold_out``), on every 4th batch of ``batches``, which training then skips
+    (:class:`hfp8.calibration.batches.HeldOutSplit`): for ``qmodel`` before training and for
+    the deployable model after every epoch (and after the last step). The model with the lowest
+    held-out loss is returned (``qmodel``'s copy when no epoch beats it: checkpoint selection,
+    the form of early stopping that costs no steps); with ``patience`` training also stops
+    after that many epochs without a new best (held-out losses on few samples are noisy: on
+    issue 20's small CNN two worse epochs came before the best one). The report's ``held_out`` lists every
+    measurement and says which model was kept (``kept``: ``"fine-tuned"`` or ``"input"``,
+    ``epoch``). With ``hold_out=False`` and no ``validation`` (or fewer than 2 batches) nothing
+    is checked, every step is taken, and the report says so.
+
     With a ``torch.distributed`` process group, each rank passes its own shard of the batches;
     the student is wrapped in DistributedDataParallel and its gradients are averaged in 1-5-2
     with error feedback (``communication="e5m2"``, :mod:`hfp8.training.communication`) or in
     float32 (``"float32"``). Every rank takes the same number of steps (the smallest shard
-    sets it), so uneven shards cannot hang the group; every rank returns the same model.
-
-    **Never worse on held-out data.** The distillation loss of the deployable model is measured
-    on ``validation`` (batches never trained on) or, by default (``hold_out``), on every 4th
-    batch of ``batches``, which training then skips
-    (:class:`hfp8.calibration.batches.HeldOutSplit`). Unless the fine-tuned model's held-out
-    loss is lower than ``qmodel``'s, a copy of ``qmodel`` is returned instead; the report's
-    ``held_out`` says which (``kept``: ``"fine-tuned"`` or ``"input"``) with both losses.
-    With ``hold_out=False`` and no ``validation`` (or fewer than 2 batches) nothing is checked,
-    and the report says so."""
+    sets it), so uneven shards cannot hang the group; held-out losses are averaged over ranks,
+    so every rank keeps the same epoch and returns the same model."""
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     if (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
@@ -83,6 +99,11 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if communication not in ("e5m2", "float32"):
         raise ValueError(f"communication must be 'e5m2' or 'float32', got {communication!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
+                                 or patience < 1):
+        raise ValueError(f"patience must be a positive int or None, got {patience!r}")
     batches, validation = _split(batches, validation, hold_out)
     student, training = prepare_training(qmodel, config=config)
     teacher = teacher.eval()
@@ -91,56 +112,75 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam([p for p in student.parameters()], lr=lr)
     device = model_device(student)
-    total = steps if steps is not None else (epochs or 1) * len(batches)
+    epoch_length = len(batches)
+    total = steps if steps is not None else (epochs or 1) * epoch_length
     trained, state = _data_parallel(student, communication)
     if collective.active():
         total = int(collective.all_reduce(torch.tensor(total), "min"))
-    schedule = itertools.islice(itertools.chain.from_iterable(itertools.repeat(batches)), total)
-    losses = []
-    start = time.perf_counter()
-    bar = tqdm(schedule, total=total, desc="HFP8 fine-tuning", unit="step", disable=quiet,
+        epoch_length = int(collective.all_reduce(torch.tensor(epoch_length), "min"))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) \
+        if schedule == "cosine" else None
+    generator = torch.Generator().manual_seed(config.seed * 7919 + collective.world()[0])
+    stream = itertools.islice(itertools.chain.from_iterable(itertools.repeat(batches)), total)
+    held = {"checked": validation is not None}
+    if validation is not None:
+        held["epochs"] = []
+    best = None
+    if validation is not None:
+        held["loss_before"] = _mean_loss(qmodel, teacher, validation, device)
+        best = (held["loss_before"], None, 0)
+    start, augmented = time.perf_counter(), False
+    bar = tqdm(stream, total=total, desc="HFP8 fine-tuning", unit="step", disable=quiet,
                leave=False, dynamic_ncols=True)
     try:
-        for batch in bar:
-            batch = to_device(batch, device)
+        for index, batch in enumerate(bar, 1):
+            args, kwargs, left = split_batch(student, to_device(batch, device))
+            if augment:
+                args, kwargs, augmented = augment_inputs(args, kwargs, generator)
             with torch.no_grad():
-                target = call_model(teacher, batch)
-            output = call_model(trained, batch)
+                target = teacher(*args, **kwargs)
+            output = trained(*args, **kwargs)
             loss = distillation_loss(target, output)
-            _, _, left = split_batch(student, batch)
             if label_weight and left and torch.is_tensor(left[0]):
                 logits = output_leaves(output)[0][1]
                 loss = loss + label_weight * nn.functional.cross_entropy(logits, left[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             training.step(optimizer)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", skipped=training.skipped)
+            if scheduler is not None:
+                scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.4g}", skipped=training.skipped)
+            if validation is None or (index % epoch_length and index != total):
+                continue
+            epoch = math.ceil(index / epoch_length)
+            snapshot = deployable_snapshot(training, qmodel, batches, quiet=True)
+            loss_now = _mean_loss(snapshot, teacher, validation, device)
+            held["epochs"].append({"epoch": epoch, "steps": index, "loss": loss_now})
+            if loss_now < best[0]:
+                best = (loss_now, snapshot, epoch)
+            elif patience is not None and epoch - best[2] >= patience:
+                held["stopped_early"] = True
+                break
     finally:
         bar.close()
-    finished = finish_training(training, batches, quiet=quiet)
-    record = finished.hfp8_report["training"]
+    finished = finish_training(training, batches, quiet=quiet) if best is None else best[1]
+    kept = finished if finished is not None else copy.deepcopy(qmodel).eval()
+    record = training.report()
     record.update({
-        "kind": "distillation", "lr": lr, "seconds": time.perf_counter() - start,
+        "kind": "distillation", "lr": lr, "schedule": schedule, "augmented": augmented,
+        "seconds": time.perf_counter() - start,
         "loss_before": _mean_loss(qmodel, teacher, batches, device),
-        "loss_after": _mean_loss(finished, teacher, batches, device)})
+        "loss_after": _mean_loss(kept, teacher, batches, device)})
     if state is not None:
         record["communication"] = {
             "format": str(state.fmt), "error_feedback": state.error_feedback,
             "bytes_sent": state.bytes_sent, "float32_all_reduce_bytes": state.float32_bytes}
-    if validation is None:
-        record["held_out"] = {"checked": False}
-        return finished
-    before = _mean_loss(qmodel, teacher, validation, device)
-    after = _mean_loss(finished, teacher, validation, device)
-    kept = "fine-tuned" if after < before else "input"
-    record["held_out"] = {"checked": True, "loss_before": before, "loss_after": after,
-                          "kept": kept}
-    if kept == "fine-tuned":
-        return finished
-    unchanged = copy.deepcopy(qmodel).eval()  # the caller's model stays as it was
-    getattr(unchanged, REPORT_ATTRIBUTE)["training"] = record
-    return unchanged
+    if validation is not None:
+        held.update({"kept": "input" if finished is None else "fine-tuned", "epoch": best[2],
+                     "loss_after": best[0]})
+    record["held_out"] = held
+    getattr(kept, REPORT_ATTRIBUTE)["training"] = record
+    return kept
 
 
 def _split(batches, validation, hold_out: bool):

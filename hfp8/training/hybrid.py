@@ -42,7 +42,7 @@ from hfp8.training.rounding import (
 )
 from hfp8.training.scaling import DelayedBias
 
-__all__ = ["prepare_training", "finish_training", "HybridTraining"]
+__all__ = ["prepare_training", "finish_training", "deployable_snapshot", "HybridTraining"]
 
 
 class _RoundedWeight(nn.Module):
@@ -196,25 +196,45 @@ def prepare_training(model: nn.Module, example_batch=None,
 def finish_training(training: HybridTraining, calibration=None, quiet: bool = True) -> nn.Module:
     """The trained model as a normal quantized model (exportable, savable); see the module
     docstring. The prepared model is modified in place and returned."""
-    from hfp8.ptq.calibrate import calibration_pass, choose_input_biases
-
-    tmodel, config = training.model, training.config
+    tmodel = training.model
     for handle in training.handles:
         handle.remove()
-    for name, layer in quantized_layers(tmodel).items():
-        state = layer_state(layer)
-        state.trainer = None
+    for layer in quantized_layers(tmodel).values():
+        layer_state(layer).trainer = None
         if parametrize.is_parametrized(layer, "weight"):
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    for _, site in operand_sites(tmodel).values():
+        site.trainers.clear()
+    return _deployable(tmodel, training, calibration, quiet)
+
+
+def deployable_snapshot(training: HybridTraining, like: nn.Module, calibration=None,
+                        quiet: bool = True) -> nn.Module:
+    """What :func:`finish_training` would return now, built on a copy of ``like`` (the quantized
+    model training started from) so that training can go on: ``training``'s model is not
+    touched. (A deep copy of the parametrized model would share its generated classes, and
+    finishing it would strip the original's parametrizations.)"""
+    model = copy.deepcopy(like).eval()  # a caller's model in train mode: BN statistics stay
+    state = {key.replace(".parametrizations.weight.original", ".weight"): value.detach()
+             for key, value in training.model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    return _deployable(model, training, calibration, quiet)
+
+
+def _deployable(tmodel: nn.Module, training: HybridTraining, calibration, quiet: bool) -> nn.Module:
+    """Master weights rounded onto their grids at their final bias; input biases re-chosen on
+    ``calibration`` (or the last delayed ones kept); the training record in the report."""
+    from hfp8.ptq.calibrate import calibration_pass, choose_input_biases
+
+    for layer in quantized_layers(tmodel).values():
+        state = layer_state(layer)
         if state.weight_format is not None:
             rounded, bias = _round_at_chosen_bias(layer.weight.detach(), state.weight_format,
-                                                  config.weight_bias_method,
+                                                  training.config.weight_bias_method,
                                                   layer.weight_exponent_bias.dim() == 1)
             with torch.no_grad():
                 layer.weight.copy_(rounded)
                 layer.weight_exponent_bias.copy_(bias)
-    for _, site in operand_sites(tmodel).values():
-        site.trainers.clear()
     report = getattr(tmodel, REPORT_ATTRIBUTE)
     if calibration is not None:
         quant = dataclasses.replace(QuantConfig.from_dict(report["config"]), bn_recalibration="none")

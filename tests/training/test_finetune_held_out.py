@@ -64,3 +64,68 @@ def test_the_command_line_says_which_model_it_wrote(tmp_path):
                "model.pt", "-o", "bad2.pt", "--lr", "0.3", "--quiet", cwd=folder,
                check_code=0).stdout
     assert "no held-out gain" in text and "the input model is written unchanged" in text
+
+
+def _kl_per_batch(teacher, student, batches):
+    """KL(teacher || student) of the softmax, mean over samples, then over batches: written
+    here from the definition, not the library's loss."""
+    with torch.no_grad():
+        return sum(float((teacher(x).softmax(1) * (teacher(x).log_softmax(1)
+                                                    - student(x).log_softmax(1))).sum(1).mean())
+                   for x in batches) / len(batches)
+
+
+def test_the_best_epoch_is_kept_and_it_is_never_worse_than_the_input():
+    model, qmodel, batches = _ptq()
+    validation = calibration_batches(12)[8:]
+    tuned = finetune(qmodel, model, batches, epochs=3, lr=1e-4, quiet=True,
+                     validation=validation)
+    held = tuned.hfp8_report["training"]["held_out"]
+    assert [e["epoch"] for e in held["epochs"]] == [1, 2, 3]
+    measured = _kl_per_batch(model, tuned, validation)
+    start = _kl_per_batch(model, qmodel, validation)
+    assert measured <= start
+    best = min([start] + [e["loss"] for e in held["epochs"]])
+    assert abs(measured - best) <= 1e-6 * best, (measured, held)
+    kept = next((e["epoch"] for e in held["epochs"] if e["loss"] == best), 0)
+    assert held["epoch"] == kept and held["kept"] == ("input" if kept == 0 else "fine-tuned")
+
+
+def test_patience_stops_after_epochs_without_a_better_held_out_loss():
+    model, qmodel, batches = _ptq()
+    tuned = finetune(qmodel, model, batches, epochs=5, lr=0.3, quiet=True, patience=1)
+    record = tuned.hfp8_report["training"]
+    assert record["held_out"]["stopped_early"] and record["held_out"]["kept"] == "input"
+    assert len(record["held_out"]["epochs"]) == 1
+    assert record["steps"] + record["skipped_steps"] == 5  # one epoch of the 5 training batches
+
+
+def test_schedule_and_patience_are_checked():
+    import pytest
+
+    model, qmodel, batches = _ptq()
+    with pytest.raises(ValueError, match="schedule"):
+        finetune(qmodel, model, batches, steps=1, schedule="linear", quiet=True)
+    with pytest.raises(ValueError, match="patience"):
+        finetune(qmodel, model, batches, steps=1, patience=0, quiet=True)
+
+
+def test_the_command_line_passes_schedule_augmentation_and_patience(tmp_path):
+    from tests.test_cli import run
+
+    folder = tmp_path / "demo"
+    run("example", folder, check_code=0)
+    run("quantize", "model.pt", "--arch", "hfp8.examples:fashion_cnn", "--calib", "calibration",
+        "--channels", "1", "--mean", "0", "--std", "1", "--resize", "0", "--crop", "0", "-o",
+        "q.pt", "--quiet", cwd=folder, check_code=0)
+    common = ["finetune", "q.pt", "--arch", "recorded", "--calib", "calibration", "--reference",
+              "model.pt", "--quiet"]
+    result = run(*common, "-o", "t.pt", "--epochs", "2", "--lr-schedule", "constant",
+                 "--no-augment", "--json", cwd=folder, check_code=0)
+    training = json.loads(result.stdout)["training"]
+    assert training["schedule"] == "constant" and training["augmented"] is False
+    assert [e["epoch"] for e in training["held_out"]["epochs"]] == [1, 2]
+    text = run(*common, "-o", "t2.pt", "--epochs", "2", cwd=folder, check_code=0).stdout
+    assert " of 2 kept): the fine-tuned model is written" in text or "no held-out gain" in text
+    error = run(*common, "-o", "t3.pt", "--patience", "0", cwd=folder, check_code=2).stderr
+    assert error.strip() == "hfp8-ptq finetune: error: --patience must be at least 1", error

@@ -155,3 +155,35 @@ def test_training_config_validation():
         TrainingConfig(history=0)
     with pytest.raises(ValueError, match="needs example_batch"):
         prepare_training(_three_linear())
+
+
+def test_a_snapshot_mid_training_is_what_finishing_would_return_and_training_can_go_on():
+    from torch.nn.utils import parametrize
+
+    from hfp8.training import deployable_snapshot, finish_training
+    from hfp8.training.distill import distillation_loss
+
+    model = trained("mobilenet_like")
+    batches = calibration_batches(3)
+    qmodel = hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0), quiet=True)
+    student, training = prepare_training(qmodel)
+    student.eval()
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+
+    def step(x):
+        loss = distillation_loss(model(x), student(x))
+        optimizer.zero_grad()
+        loss.backward()
+        return training.step(optimizer)
+
+    for x in batches + batches:
+        step(x)
+    assert training.steps >= 1  # (the first steps may be skipped while delayed biases settle)
+    snapshot = deployable_snapshot(training, qmodel, batches)
+    assert any(not torch.equal(qmodel.state_dict()[k], v) for k, v in snapshot.state_dict().items())
+    assert any(parametrize.is_parametrized(m) for m in student.modules())  # still training
+    finished = finish_training(training, batches)
+    state = finished.state_dict()
+    assert set(state) == set(snapshot.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in snapshot.state_dict().items())
+    assert torch.equal(finished(batches[0]), snapshot(batches[0]))
