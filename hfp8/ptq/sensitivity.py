@@ -26,6 +26,7 @@ import math
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hfp8.calibration import collective
 from hfp8.calibration.batches import calibration_batches, current_batch, model_device
@@ -66,50 +67,68 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
     quantized = {name: qmodel.get_submodule(name) for name in names}
     generator = torch.Generator().manual_seed(seed)
     totals = {name: 0.0 for name in names}
-    elements = samples = 0
+    elements = 0
     device = model_device(reference)
-    for batch in calibration_batches(batches, num_batches, device, "Layer sensitivity", quiet):
-        generator.manual_seed(seed * 1_000_003 + current_batch())  # the same on any rank
-        if max_samples is not None:
-            batch = slice_batch(batch, max_samples)
-        scales = {}
-
-        def inject(name):
-            def hook(module, args, output):
-                with torch.no_grad():
-                    noise = quantized[name](*args) - output
-                scale = torch.zeros(output.shape[0], device=output.device, requires_grad=True)
-                scales[name] = scale
-                return output + scale.view(-1, *([1] * (output.dim() - 1))) * noise
-            return hook
-        handles = [reference.get_submodule(n).register_forward_hook(inject(n)) for n in names]
-        try:
-            with torch.enable_grad():
-                leaves = [t for _, t in output_leaves(call_model(reference, batch))
-                          if t.is_floating_point() and t.requires_grad]
-        finally:
-            for handle in handles:
-                handle.remove()
-        projection = 0.0
-        for leaf in leaves:
-            rms = leaf.detach().double().square().mean().sqrt().clamp_min(1e-30).float()
-            noise = torch.randn(leaf.shape, generator=generator).to(leaf.device)
-            projection = projection + (noise * leaf).sum() / rms
-        inputs = [scales[n] for n in names if n in scales]
-        if torch.is_tensor(projection) and projection.requires_grad:
-            gradients = torch.autograd.grad(projection, inputs, allow_unused=True)
-        else:  # no output depends on a quantized layer (their results were discarded)
-            gradients = [None] * len(inputs)
-        for name, gradient in zip([n for n in names if n in scales], gradients):
-            if gradient is not None:
-                totals[name] += float(gradient.double().square().sum())
-        samples += leaves[0].shape[0] if leaves and leaves[0].dim() else 1
-        elements += sum(leaf[0].numel() if leaf.dim() else 1 for leaf in leaves) * (
-            leaves[0].shape[0] if leaves and leaves[0].dim() else 1)
+    # a bar per layer, not per batch: one batch of large images can take many seconds, and a
+    # bar that sits at 0/1 for all of it looks hung (issue 20)
+    bar = tqdm(total=len(names), desc="Layer sensitivity", unit="layer", disable=quiet,
+               leave=False, dynamic_ncols=True)
+    try:
+        for batch in calibration_batches(batches, num_batches, device, "", quiet=True):
+            bar.reset(total=len(names))
+            bar.set_postfix_str(f"batch {current_batch() + 1}, forward")
+            elements += _accumulate(reference, quantized, names, batch, generator, seed,
+                                    max_samples, totals, bar)
+    finally:
+        bar.close()
     summed = collective.all_reduce(torch.tensor([totals[n] for n in names] + [float(elements)],
                                                 dtype=torch.float64))  # all ranks' batches
     per_element = max(float(summed[-1]), 1.0)
     return {name: float(value) / per_element for name, value in zip(names, summed[:-1])}
+
+
+def _accumulate(reference, quantized, names, batch, generator, seed, max_samples, totals,
+                bar) -> int:
+    """One batch of :func:`layer_sensitivity`: adds each layer's squared projected error to
+    ``totals``; returns the number of output elements it covered."""
+    generator.manual_seed(seed * 1_000_003 + current_batch())  # the same on any rank
+    if max_samples is not None:
+        batch = slice_batch(batch, max_samples)
+    scales = {}
+
+    def inject(name):
+        def hook(module, args, output):
+            with torch.no_grad():
+                noise = quantized[name](*args) - output
+            scale = torch.zeros(output.shape[0], device=output.device, requires_grad=True)
+            scales[name] = scale
+            bar.update(1)
+            return output + scale.view(-1, *([1] * (output.dim() - 1))) * noise
+        return hook
+    handles = [reference.get_submodule(n).register_forward_hook(inject(n)) for n in names]
+    try:
+        with torch.enable_grad():
+            leaves = [t for _, t in output_leaves(call_model(reference, batch))
+                      if t.is_floating_point() and t.requires_grad]
+    finally:
+        for handle in handles:
+            handle.remove()
+    projection = 0.0
+    for leaf in leaves:
+        rms = leaf.detach().double().square().mean().sqrt().clamp_min(1e-30).float()
+        noise = torch.randn(leaf.shape, generator=generator).to(leaf.device)
+        projection = projection + (noise * leaf).sum() / rms
+    inputs = [scales[n] for n in names if n in scales]
+    bar.set_postfix_str(f"batch {current_batch() + 1}, backward")
+    if torch.is_tensor(projection) and projection.requires_grad:
+        gradients = torch.autograd.grad(projection, inputs, allow_unused=True)
+    else:  # no output depends on a quantized layer (their results were discarded)
+        gradients = [None] * len(inputs)
+    for name, gradient in zip([n for n in names if n in scales], gradients):
+        if gradient is not None:
+            totals[name] += float(gradient.double().square().sum())
+    return sum(leaf[0].numel() if leaf.dim() else 1 for leaf in leaves) * (
+        leaves[0].shape[0] if leaves and leaves[0].dim() else 1)
 
 
 def predicted_sqnr_db(ratio: float) -> float:

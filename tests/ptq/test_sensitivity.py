@@ -143,3 +143,15 @@ def test_layers_whose_results_are_discarded_cause_no_predicted_error():
     entries = hfp8.manifest(qmodel)["sensitivity"]
     assert [entry["name"] for entry in entries] == ["branch.0", "branch.1"]
     assert all(entry["nsr"] == 0.0 and not entry["float"] for entry in entries)
+
+
+def test_the_progress_bar_counts_layers_so_one_long_batch_does_not_look_hung(capsys):
+    """One batch of large images takes many seconds (issue 20: 23.6 s with a bar at 0/1): the
+    bar advances per layer and says which pass runs."""
+    model, batches = _fragile_model()
+    qmodel = hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0), quiet=True)
+    names = list(quantized_layers(qmodel))
+    layer_sensitivity(model, qmodel, names, batches, num_batches=1, quiet=False)
+    shown = capsys.readouterr().err
+    assert "Layer sensitivity" in shown and f"/{len(names)} [" in shown and "layer/s" in shown
+    assert "batch 1, forward" in shown
