@@ -12,10 +12,10 @@ import copy
 import torch
 from torch import nn
 
-from hfp8.calibration.batches import Peeked
-from hfp8.model_io import call_model
+from hfp8.data.batches import Peeked
+from hfp8.data.model_io import call_model
 from hfp8.ptq.graph_probe import probe_model
-from hfp8.ptq.transform import plan_quantization
+from hfp8.ptq.pipeline import plan_quantization
 
 
 def _quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

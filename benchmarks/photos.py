@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hfp8.calibration.image_preprocessing import preprocess_image
+from hfp8.data.image_preprocessing import preprocess_image
 
 __all__ = ["CALIBRATION_PHOTOS", "EVALUATION_PHOTOS", "load_photo", "photo_crops", "photo_names"]
 

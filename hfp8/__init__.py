@@ -10,32 +10,33 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.2.0"
+from hfp8._version import __version__
 
 # public name -> module that defines it
 _PUBLIC = {
-    "recalibrate_batchnorm": "hfp8.calibration.batchnorm",
-    "select_exponent_bias": "hfp8.calibration.bias_selection",
+    "recalibrate_batchnorm": "hfp8.ptq.report",
+    "QuantReport": "hfp8.ptq.report",
+    "select_exponent_bias": "hfp8.numerics.bias_selection",
     "HistogramObserver": "hfp8.calibration.observers",
-    "decode": "hfp8.ptq.codes",
-    "encode": "hfp8.ptq.codes",
+    "decode": "hfp8.numerics.codes",
+    "encode": "hfp8.numerics.codes",
     "QuantConfig": "hfp8.ptq.config",
-    "ExportError": "hfp8.ptq.export",
-    "export_onnx": "hfp8.ptq.export",
-    "fake_quantize": "hfp8.ptq.fake_quant",
-    "fake_quantize_per_channel": "hfp8.ptq.fake_quant",
-    "E4M3": "hfp8.ptq.formats",
-    "E5M2": "hfp8.ptq.formats",
-    "FloatFormat": "hfp8.ptq.formats",
+    "ExportError": "hfp8.export.onnx_export",
+    "export_onnx": "hfp8.export.onnx_export",
+    "fake_quantize": "hfp8.numerics.fake_quant",
+    "fake_quantize_per_channel": "hfp8.numerics.fake_quant",
+    "E4M3": "hfp8.numerics.formats",
+    "E5M2": "hfp8.numerics.formats",
+    "FloatFormat": "hfp8.numerics.formats",
     "format_manifest": "hfp8.ptq.manifest",
     "manifest": "hfp8.ptq.manifest",
     "QuantizedFileError": "hfp8.ptq.saving",
     "load_quantized": "hfp8.ptq.saving",
     "read_manifest": "hfp8.ptq.saving",
     "save_quantized": "hfp8.ptq.saving",
-    "quantize_model": "hfp8.ptq.transform",
-    "verify_onnx": "hfp8.ptq.verify",
-    "compare_outputs": "hfp8.evaluation",
+    "quantize_model": "hfp8.ptq.pipeline",
+    "verify_onnx": "hfp8.export.verify",
+    "compare_outputs": "hfp8.ptq.evaluation",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
@@ -54,21 +55,21 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from hfp8.calibration.batchnorm import recalibrate_batchnorm  # noqa: F401
-    from hfp8.calibration.bias_selection import select_exponent_bias  # noqa: F401
     from hfp8.calibration.observers import HistogramObserver  # noqa: F401
-    from hfp8.evaluation import compare_outputs  # noqa: F401
-    from hfp8.ptq.codes import decode, encode  # noqa: F401
+    from hfp8.export.onnx_export import ExportError, export_onnx  # noqa: F401
+    from hfp8.export.verify import verify_onnx  # noqa: F401
+    from hfp8.numerics.bias_selection import select_exponent_bias  # noqa: F401
+    from hfp8.numerics.codes import decode, encode  # noqa: F401
+    from hfp8.numerics.fake_quant import fake_quantize, fake_quantize_per_channel  # noqa: F401
+    from hfp8.numerics.formats import E4M3, E5M2, FloatFormat  # noqa: F401
     from hfp8.ptq.config import QuantConfig  # noqa: F401
-    from hfp8.ptq.export import ExportError, export_onnx  # noqa: F401
-    from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel  # noqa: F401
-    from hfp8.ptq.formats import E4M3, E5M2, FloatFormat  # noqa: F401
+    from hfp8.ptq.evaluation import compare_outputs  # noqa: F401
     from hfp8.ptq.manifest import format_manifest, manifest  # noqa: F401
+    from hfp8.ptq.pipeline import quantize_model  # noqa: F401
+    from hfp8.ptq.report import QuantReport, recalibrate_batchnorm  # noqa: F401
     from hfp8.ptq.saving import (  # noqa: F401
         QuantizedFileError,
         load_quantized,
         read_manifest,
         save_quantized,
     )
-    from hfp8.ptq.transform import quantize_model  # noqa: F401
-    from hfp8.ptq.verify import verify_onnx  # noqa: F401

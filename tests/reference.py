@@ -1,4 +1,4 @@
-"""Independent references for the number formats, written from DESIGN.md section 1.
+"""Independent references for the number formats, written from docs/formats.md section 1.
 
 Nothing here imports hfp8's rounding code: scalar definitions in plain Python, and casts through
 ml_dtypes / torch float8 dtypes with the power-of-two scale ``2^(default_bias - bias)``.

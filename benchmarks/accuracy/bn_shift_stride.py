@@ -26,7 +26,7 @@ from photos import photo_crops  # noqa: E402
 from ptq_time import load  # noqa: E402  (the same two models at the same input sizes)
 
 import hfp8  # noqa: E402
-from hfp8.evaluation import fidelity  # noqa: E402
+from hfp8.ptq.evaluation import fidelity  # noqa: E402
 
 STRIDES = (1, 2, 4)
 

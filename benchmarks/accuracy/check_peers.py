@@ -30,10 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import hfp8  # noqa: E402
-from hfp8.evaluation import collect_logits, fidelity, top1_accuracy  # noqa: E402
-from hfp8.examples import example_data_dir, fashion_cnn  # noqa: E402
 from peers import PEERS, hfp8_float_layers, peer_versions, quantized_layers  # noqa: E402
+
+import hfp8  # noqa: E402
+from hfp8.examples import example_data_dir, fashion_cnn  # noqa: E402
+from hfp8.ptq.evaluation import collect_logits, fidelity, top1_accuracy  # noqa: E402
 
 E4M3_MAX = 448.0
 
@@ -143,7 +144,7 @@ def main() -> None:
         start = time.perf_counter()
         qmodel = hfp8.quantize_model(model, calibration, config, quiet=True)
         seconds = time.perf_counter() - start
-        n = len(hfp8.ptq.transform.quantized_layers(qmodel))
+        n = len(hfp8.ptq.pipeline.quantized_layers(qmodel))
         add(label, qmodel, seconds, f"{n}/{n_layers}")
 
     details = {}

@@ -87,8 +87,10 @@ def _import_brevitas():
     import brevitas.nn as qnn
     from brevitas.graph.calibrate import calibration_mode
     from brevitas.graph.quantize import layerwise_quantize
-    from brevitas.quant.float_quant_ocp import (Fp8e4m3OCPActPerTensorFloat,
-                                                Fp8e4m3OCPWeightPerTensorFloat)
+    from brevitas.quant.float_quant_ocp import (
+        Fp8e4m3OCPActPerTensorFloat,
+        Fp8e4m3OCPWeightPerTensorFloat,
+    )
     return (qnn, calibration_mode, layerwise_quantize, Fp8e4m3OCPActPerTensorFloat,
             Fp8e4m3OCPWeightPerTensorFloat)
 
@@ -258,7 +260,7 @@ def hfp8_float_layers(model: nn.Module, example_batch, config=None) -> list[str]
     pass on ``example_batch`` finds), for ``exclude=`` of the peer functions."""
     import hfp8
     from hfp8.ptq.graph_probe import probe_model
-    from hfp8.ptq.transform import plan_quantization
+    from hfp8.ptq.pipeline import plan_quantization
 
     layers, _ = plan_quantization(model, config if config is not None else hfp8.QuantConfig(),
                                   probe_model(model, example_batch))

@@ -23,12 +23,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "accuracy")]
 
-import hfp8  # noqa: E402
-from hfp8.evaluation import compare_outputs  # noqa: E402
-from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
-from hfp8.training import TrainingConfig, finetune  # noqa: E402
 from int8_baseline import int8_quantize_model  # noqa: E402
 from photos import benchmark_batches  # noqa: E402
+
+import hfp8  # noqa: E402
+from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
+from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
+from hfp8.training import TrainingConfig, finetune  # noqa: E402
 
 
 def main() -> None:
@@ -67,7 +68,7 @@ def main() -> None:
             augment=not args.no_augment, schedule=args.schedule,
             config=TrainingConfig(seed=seed)))
         tuned_rows.append(rows[-1])
-        report = tuned.hfp8_report["training"]
+        report = tuned.hfp8_report.training
         held = report["held_out"]
         print(f"  held-out distillation loss {held['loss_before']:.4f} -> "
               + ", ".join(f"{e['loss']:.4f}" for e in held["epochs"])

@@ -35,14 +35,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hfp8.calibration import collective
-from hfp8.calibration.batches import calibration_batches, model_device, to_device
-from hfp8.model_io import batch_size, call_model
-from hfp8.ptq.config import REPORT_ATTRIBUTE
+from hfp8 import distributed
+from hfp8.data.batches import calibration_batches, model_device, to_device
+from hfp8.data.model_io import batch_size, call_model
 
-__all__ = ["recalibrate_batchnorm", "BN_METHODS", "batchnorm_layers", "batch_statistics"]
+__all__ = ["reestimate_batchnorm", "BN_MODES", "batchnorm_layers", "batch_statistics"]
 
-BN_METHODS = ("full", "shift")
+# the BatchNorm re-estimation modes, everywhere (QuantConfig.bn_recalibration, the CLI's
+# --bn-recalibration, recalibrate_batchnorm's method); "none" leaves the statistics as they are
+BN_MODES = ("shift", "full", "none")
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -90,14 +91,14 @@ class _ChannelMoments:
     def reduce(self, channels: int) -> None:
         """Merge with the other ranks' moments of this layer, in rank order, so that every rank
         holds the same result, equal (to float64 rounding) to one pass over all their batches."""
-        if not collective.active():
+        if not distributed.active():
             return
         mine = torch.zeros(1 + 2 * channels, dtype=torch.float64)
         if self.mean is not None:
             mine[0], mine[1:1 + channels], mine[1 + channels:] = self.count, self.mean.cpu(), self.m2.cpu()
         device = None if self.mean is None else self.mean.device
         self.count, self.mean, self.m2 = 0, None, None
-        for other in collective.all_gather(mine):
+        for other in distributed.all_gather(mine):
             count = int(other[0])
             if count == 0:
                 continue
@@ -149,7 +150,7 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet,
     ``measure_every``-th: the only ones the other models run on). With a process group, batch
     ``i`` of rank ``r`` counts as batch ``i * world + r`` of the union: the round-robin order
     in which SampleFolder shards, so that ranks measure what one process would."""
-    rank, world = collective.world()
+    rank, world = distributed.world()
     handles = []
     moments = [{} for _ in models]
     counts = torch.zeros(4, dtype=torch.int64)  # batches, samples, measured batches, samples
@@ -183,12 +184,12 @@ def _measure(models: list[nn.Module], calibration, num_batches, quiet,
     for index, model in enumerate(models):  # every rank: the moments of all ranks' batches
         for name, bn in batchnorm_layers(model).items():
             moments[index][name].reduce(bn.num_features)
-    counts = collective.all_reduce(counts)
+    counts = distributed.all_reduce(counts)
     return moments, dict(zip(("batches", "samples", "measured_batches", "measured_samples"),
                              (int(c) for c in counts)))
 
 
-def recalibrate_batchnorm(
+def reestimate_batchnorm(
     model: nn.Module,
     calibration,
     num_batches: int | None = None,
@@ -208,16 +209,17 @@ def recalibrate_batchnorm(
     the caller (:func:`hfp8.quantize_model`'s range observers) see all of them at about half the
     cost of the float reference with ``k=2``. Sharded (torch.distributed), batch ``i`` of rank
     ``r`` counts as batch ``i * world + r``: the round-robin order of
-    :class:`hfp8.calibration.SampleFolder`'s shards. Train/eval flags and every other
+    :class:`hfp8.data.SampleFolder`'s shards. Train/eval flags and every other
     piece of state are restored, also when the pass fails; on failure no statistic changes.
     Non-finite measured statistics (NaN or Inf reached a BatchNorm input) are an error naming
     the layer, and nothing is written.
     Returns a report: method, BatchNorm layers updated, batches and samples run, those measured,
-    and the layers that never ran (left unchanged). On a model from :func:`hfp8.quantize_model`
-    the report also replaces the one in its manifest.
+    and the layers that never ran (left unchanged). (The public
+    :func:`hfp8.recalibrate_batchnorm` also records it in a quantized model's report.)
     """
-    if method not in BN_METHODS:
-        raise ValueError(f"method must be one of {BN_METHODS}, got {method!r}")
+    if method not in BN_MODES[:2]:
+        raise ValueError(f"method must be one of {BN_MODES[:2]}, got {method!r} (for 'none', "
+                         "do not call it)")
     if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
         raise ValueError(f"measure_every must be a positive int, got {measure_every!r}")
     layers = batchnorm_layers(model)
@@ -234,7 +236,7 @@ def recalibrate_batchnorm(
         if missing:
             raise ValueError(f"reference model has no BatchNorm layer named {missing[0]!r}")
         models.append(reference)
-    with collective.agreed():
+    with distributed.agreed():
         moments, counts = _measure(models, calibration, num_batches, quiet, measure_every)
     report.update(counts)
     for index, model_moments in enumerate(moments):  # check every layer before writing any
@@ -259,7 +261,4 @@ def recalibrate_batchnorm(
                 variance = (base.running_var.double() + (variance - baseline.variance())).clamp_min(0)
             bn.running_mean.copy_(mean.to(bn.running_mean))
             bn.running_var.copy_(variance.to(bn.running_var))
-    quantization_report = getattr(model, REPORT_ATTRIBUTE, None)
-    if isinstance(quantization_report, dict):  # a quantized model: its manifest says what was done
-        quantization_report["batchnorm"] = report
     return report

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hfp8.calibration import collective
-from hfp8.calibration.batches import reseed_for_batch
+from hfp8 import distributed
+from hfp8.data.batches import reseed_for_batch
 
 __all__ = ["InputMoments", "supports"]
 
@@ -107,15 +107,15 @@ class InputMoments:
 
     def reduce(self) -> None:
         """Sum with the other ranks' moments of this layer (no-op without a process group)."""
-        if not collective.active():
+        if not distributed.active():
             return
         layer = self.layer
         groups = 1 if isinstance(layer, nn.Linear) else layer.groups
         width = layer.weight[0].numel() if not isinstance(layer, nn.Linear) else layer.in_features
         total = self.sum if self.sum is not None else torch.zeros(groups, width, width,
                                                                    dtype=torch.float64)
-        collective.all_reduce(total)
-        count = collective.all_reduce(torch.tensor(float(self.count), dtype=torch.float64))
+        distributed.all_reduce(total)
+        count = distributed.all_reduce(torch.tensor(float(self.count), dtype=torch.float64))
         self.sum, self.count = (total, int(count)) if int(count) else (None, 0)
 
     def hessian(self) -> torch.Tensor | None:

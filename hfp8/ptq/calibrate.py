@@ -16,34 +16,21 @@ import warnings
 import torch
 from torch import nn
 
-from hfp8.calibration import collective
-from hfp8.calibration.batches import calibration_batches, model_device
-from hfp8.calibration.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
+from hfp8 import distributed
+from hfp8.calibration.batchnorm import (
+    batch_statistics,
+    batchnorm_layers,
+    reestimate_batchnorm,
+)
 from hfp8.calibration.input_moments import InputMoments, supports
 from hfp8.calibration.observers import HistogramObserver
-from hfp8.model_io import batch_size, call_model
-from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
+from hfp8.data.batches import calibration_batches, model_device
+from hfp8.data.model_io import batch_size, call_model
+from hfp8.ptq.points import quant_points
+from hfp8.ptq.quantizers import layer_state, quantized_layers
 
 __all__ = ["points", "analysis_pass", "calibration_pass", "choose_input_biases",
            "refuse_non_finite"]
-
-
-def points(qmodel: nn.Module) -> dict[str, tuple]:
-    """Every input quantization point: name -> (format, bias buffer owner, buffer name, setter
-    of the observer slot)."""
-    found = {}
-    for name, layer in quantized_layers(qmodel).items():
-        state = layer_state(layer)
-        if state.input_format is not None:
-            found[name] = (state.input_format, layer, "input_exponent_bias",
-                           lambda observer, state=state: setattr(state, "observer", observer))
-    for site_name, (owner, site) in operand_sites(qmodel).items():
-        for operand in site.operands:
-            found[f"{site_name}.{operand}"] = (
-                site.fmt, owner, site.bias_buffer(operand),
-                lambda observer, site=site, operand=operand: site.observers.__setitem__(operand, observer)
-                if observer is not None else site.observers.pop(operand, None))
-    return found
 
 
 class _Seeing:
@@ -64,7 +51,7 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bo
     """A short pass over the first ``num_batches`` batches: provisional observers for every
     point, and (``with_moments``) the input second moments of every quantized Conv1d/2d and
     Linear layer. Nothing in the model changes."""
-    found = points(qmodel)
+    found = quant_points(qmodel)
     observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
     moments = {name: InputMoments(layer, seed=index) for index, (name, layer)
                in enumerate(quantized_layers(qmodel).items()) if with_moments and supports(layer)}
@@ -74,7 +61,7 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bo
             state.observer = _Seeing(observers.get(name), moments.get(name))
         for name, point in found.items():
             if name not in states:
-                point[3](observers[name])
+                point.attach_observer(observers[name])
         device = model_device(qmodel)
         with batch_statistics([qmodel]), torch.no_grad():
             for batch in calibration_batches(batches, num_batches, device,
@@ -84,7 +71,7 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bo
         for state in states.values():
             state.observer = None
         for point in found.values():
-            point[3](None)
+            point.attach_observer(None)
     for observer in observers.values():  # every rank: what all ranks' batches showed
         observer.reduce()
     for accumulated in moments.values():
@@ -95,15 +82,15 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bo
 def calibration_pass(qmodel, model, calibration, config, quiet):
     """The main pass: BN statistics (if asked) and observers. Returns the observers, the BN
     report and the number of samples seen."""
-    found = points(qmodel) if config.activation_format is not None else {}
+    found = quant_points(qmodel) if config.activation_format is not None else {}
     has_bn = bool(batchnorm_layers(model)) and config.bn_recalibration != "none"
     observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
     bn_report, samples = None, 0
     try:
         for name, observer in observers.items():
-            found[name][3](observer)  # values pass through unrounded and are observed
+            found[name].attach_observer(observer)  # values pass through unrounded, observed
         if has_bn:
-            bn_report = recalibrate_batchnorm(
+            bn_report = reestimate_batchnorm(
                 qmodel, calibration, config.num_calibration_batches,
                 method=config.bn_recalibration, quiet=quiet,
                 # a private copy: even temporary flag changes never touch the caller's model
@@ -119,11 +106,11 @@ def calibration_pass(qmodel, model, calibration, config, quiet):
                     samples += batch_size(batch)
     finally:
         for point in found.values():
-            point[3](None)
+            point.attach_observer(None)
     for observer in observers.values():  # every rank: what all ranks' batches showed
         observer.reduce()
     if bn_report is None:
-        samples = int(collective.all_reduce(torch.tensor(samples, dtype=torch.int64)))
+        samples = int(distributed.all_reduce(torch.tensor(samples, dtype=torch.int64)))
     return observers, bn_report, samples
 
 
@@ -138,23 +125,20 @@ def refuse_non_finite(observers: dict) -> None:
 
 def choose_input_biases(qmodel, observers, config, warn: bool = True) -> dict[str, dict]:
     """Sets each point's bias from its observer; returns the observer summaries."""
-    found = points(qmodel)
+    found = quant_points(qmodel)
     refuse_non_finite(observers)
     summaries = {}
     for name, observer in observers.items():
         if name not in found:
             continue
-        fmt, owner, buffer, _ = found[name]
+        fmt = found[name].fmt
         if observer.num_calls == 0:
             if warn:
                 warnings.warn(f"{name!r} never ran during calibration; its input keeps the "
                               f"format's own bias {fmt.exponent_bias}", stacklevel=3)
             summaries[name] = {"warning": "never ran during calibration"}
             continue
-        if config.activation_bias_method == "fixed":
-            bias = fmt.exponent_bias
-        else:
-            bias = observer.exponent_bias(fmt, config.activation_bias_method)
-        getattr(owner, buffer).fill_(bias)
+        bias = observer.exponent_bias(fmt, config.activation_bias_method)
+        found[name].exponent_bias.fill_(bias)
         summaries[name] = observer.summary(fmt.with_bias(bias))
     return summaries

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from hfp8.ptq.formats import E4M3, FloatFormat
+from hfp8._report import REPORT_ATTRIBUTE
+from hfp8.calibration.batchnorm import BN_MODES
+from hfp8.numerics.bias_selection import BIAS_METHODS
+from hfp8.numerics.formats import E4M3, FloatFormat
 
-__all__ = ["QuantConfig", "BIAS_CHOICES", "GRANULARITIES", "BN_MODES", "WEIGHT_ROUNDINGS",
+__all__ = ["QuantConfig", "BIAS_METHODS", "GRANULARITIES", "BN_MODES", "WEIGHT_ROUNDINGS",
            "BUDGET_UNITS", "REPORT_ATTRIBUTE"]
 
-# Name of the plain dict attribute that quantize_model puts on the returned model's root module:
-# what was done (config, kept-float layers, observer summaries, BN report); saved as the manifest.
-REPORT_ATTRIBUTE = "hfp8_report"
-
-BIAS_CHOICES = ("mse", "max", "fixed")  # "fixed": keep the format's own exponent bias
 GRANULARITIES = ("per_tensor", "per_channel")
-BN_MODES = ("shift", "full", "none")
 WEIGHT_ROUNDINGS = ("compensated", "nearest")
 BUDGET_UNITS = ("weights", "macs")
 
@@ -91,8 +88,8 @@ class QuantConfig:
             if value is not None and not isinstance(value, FloatFormat):
                 raise TypeError(f"{name} must be a FloatFormat or None, got {value!r}")
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
-        _check_choice("weight_bias_method", self.weight_bias_method, BIAS_CHOICES)
-        _check_choice("activation_bias_method", self.activation_bias_method, BIAS_CHOICES)
+        _check_choice("weight_bias_method", self.weight_bias_method, BIAS_METHODS)
+        _check_choice("activation_bias_method", self.activation_bias_method, BIAS_METHODS)
         _check_choice("bn_recalibration", self.bn_recalibration, BN_MODES)
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         _check_choice("budget_unit", self.budget_unit, BUDGET_UNITS)

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from hfp8.model_io import call_model, output_leaves
+from hfp8.data.model_io import call_model, output_leaves
 from hfp8.ptq.quantizers import MATMUL_FUNCTIONS, SDPA_FUNCTIONS, is_quantizable
 
 __all__ = ["ProbeResult", "probe_model"]

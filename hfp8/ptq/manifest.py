@@ -6,10 +6,14 @@ import torch
 from torch import nn
 
 from hfp8.ptq.config import format_to_dict
-from hfp8.ptq.quantizers import is_quantizable, layer_state, operand_sites, quantized_layers
-from hfp8.ptq.transform import REPORT_ATTRIBUTE
+from hfp8.ptq.quantizers import (
+    is_quantizable,
+    layer_state,
+    operand_sites,
+    quantized_layers,
+)
 
-__all__ = ["manifest", "format_manifest", "MANIFEST_VERSION"]
+__all__ = ["manifest", "build_manifest", "format_manifest", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 2
 
@@ -29,14 +33,14 @@ def _layer_entries(qmodel: nn.Module, report: dict) -> list[dict]:
                 "name": name, "type": type(module).__name__, "status": "quantized", "reason": None,
                 "weight_format": None if wf is None else format_to_dict(wf),
                 "weight_exponent_bias": None if wf is None else _bias_value(module.weight_exponent_bias),
-                "weight": (report.get("weights") or {}).get(name),
+                "weight": (report.weights or {}).get(name),
                 "input_format": None if inf is None else format_to_dict(inf),
                 "input_exponent_bias": None if inf is None else int(module.input_exponent_bias),
-                "observer": report["observers"].get(name),
+                "observer": report.observers.get(name),
             })
-        elif is_quantizable(module) and name in report["kept_float"]:
+        elif is_quantizable(module) and name in report.kept_float:
             entries.append({"name": name, "type": type(module).__name__, "status": "float",
-                            "reason": report["kept_float"][name]})
+                            "reason": report.kept_float[name]})
     return entries
 
 
@@ -48,10 +52,10 @@ def _site_entries(qmodel: nn.Module, report: dict) -> list[dict]:
             "format": format_to_dict(site.fmt),
             "operands": {operand: {
                 "exponent_bias": int(getattr(owner, site.bias_buffer(operand))),
-                "observer": report["observers"].get(f"{name}.{operand}")}
+                "observer": report.observers.get(f"{name}.{operand}")}
                 for operand in site.operands},
         })
-    for name, reason in (report.get("sites_kept_float") or {}).items():
+    for name, reason in (report.sites_kept_float or {}).items():
         entries.append({"name": name, "kind": "sdpa" if ".sdpa" in name or name.startswith("sdpa")
                         else "matmul", "status": "float", "reason": reason})
     return entries
@@ -63,7 +67,7 @@ def manifest(qmodel: nn.Module) -> dict:
     Keys: ``hfp8_ptq_version``, ``manifest_version``, ``config``, ``calibration_samples``,
     ``batchnorm`` (re-estimation report or None), ``graph`` (first and last layers found by
     position in the data flow, layers the probe batch did not run), ``metadata`` (free-form JSON
-    the caller put in ``qmodel.hfp8_report["metadata"]``; the CLI records architecture,
+    the caller put in ``qmodel.hfp8_report.metadata``; the CLI records architecture,
     preprocessing and input shape there), ``layers``: one entry per Conv/Linear layer in
     registration order with ``name``, ``type`` (the model's own class), ``status``
     ("quantized" or "float"), ``reason`` (why float), ``weight_format``/
@@ -76,24 +80,29 @@ def manifest(qmodel: nn.Module) -> dict:
     with only this layer quantized), ``cost`` (weights or MACs) and ``float`` (kept float);
     ``training``: None, or what HFP8 training did (steps, skipped steps, formats, losses).
     """
-    from hfp8 import __version__
+    from hfp8.ptq.report import report_of  # (report.py imports this module)
 
-    report = getattr(qmodel, REPORT_ATTRIBUTE, None)
-    if report is None:
-        raise ValueError("this model was not produced by hfp8.quantize_model (no hfp8 report)")
+    return build_manifest(qmodel, report_of(qmodel))
+
+
+def build_manifest(qmodel: nn.Module, report) -> dict:
+    """:func:`manifest` from ``qmodel``'s layers and ``report`` (a
+    :class:`hfp8.QuantReport`)."""
+    from hfp8._version import __version__
+
     return {
         "hfp8_ptq_version": __version__,
         "manifest_version": MANIFEST_VERSION,
-        "config": report["config"],
-        "calibration_samples": report["calibration_samples"],
-        "batchnorm": report["batchnorm"],
-        "graph": report.get("graph"),
-        "metadata": report.get("metadata"),
+        "config": report.config,
+        "calibration_samples": report.calibration_samples,
+        "batchnorm": report.batchnorm,
+        "graph": report.graph,
+        "metadata": report.metadata,
         "layers": _layer_entries(qmodel, report),
         "attention": _site_entries(qmodel, report),
         "sensitivity": [{"name": name, **entry} for name, entry
-                        in (report.get("sensitivity") or {}).items()],
-        "training": report.get("training"),
+                        in (report.sensitivity or {}).items()],
+        "training": report.training,
     }
 
 

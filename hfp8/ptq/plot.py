@@ -9,6 +9,7 @@ a second colour and labelled with why (first/last, pattern, sensitive). Needs ma
 
 from __future__ import annotations
 
+import math
 import os
 
 from hfp8._files import atomic_write
@@ -30,9 +31,12 @@ def _pyplot():
     return plt
 
 
-def _value(entry: dict | None, key: str):
+PLOT_CEILING_DB = 80.0  # exact values (+inf dB) are drawn here, at the top of the scale
+
+
+def _value(entry: dict | None, key: str, ceiling: float = math.inf):
     value = (entry or {}).get(key)
-    return float("nan") if value is None else float(value)
+    return float("nan") if value is None else min(float(value), ceiling)
 
 
 def plot_manifest(data: dict, path: str | os.PathLike, title: str | None = None) -> None:
@@ -47,12 +51,13 @@ def plot_manifest(data: dict, path: str | os.PathLike, title: str | None = None)
     positions = range(len(layers))
     colours = ["#d62728" if f else "#1f77b4" for f in floating]
     figure, axes = plt.subplots(3, 1, figsize=(max(8, 0.18 * len(layers) + 3), 9), sharex=True)
-    sensitivity = [float("nan") if predicted.get(n) is None else min(predicted[n], 80.0) for n in names]
+    sensitivity = [float("nan") if predicted.get(n) is None else min(predicted[n], PLOT_CEILING_DB)
+                   for n in names]
     axes[0].bar(positions, sensitivity, color=colours)
     axes[0].set_ylabel("output SQNR, this layer\nalone quantized (dB)")
     axes[0].set_title(title or "per-layer quantization (red: kept float)", fontsize=10)
-    input_sqnr = [_value(layer.get("observer"), "sqnr_db") for layer in layers]
-    weight_sqnr = [_value(layer.get("weight"), "sqnr_db") for layer in layers]
+    input_sqnr = [_value(layer.get("observer"), "sqnr_db", PLOT_CEILING_DB) for layer in layers]
+    weight_sqnr = [_value(layer.get("weight"), "sqnr_db", PLOT_CEILING_DB) for layer in layers]
     axes[1].plot(positions, input_sqnr, "o-", markersize=3, label="input rounding")
     axes[1].plot(positions, weight_sqnr, "s-", markersize=3, label="weight rounding")
     axes[1].set_ylabel("SQNR (dB)")

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from hfp8.ptq.formats import FloatFormat
-from hfp8.ptq.ops import scale_for_bias
+from hfp8.numerics.formats import FloatFormat
+from hfp8.numerics.ops import scale_for_bias
 
 __all__ = ["QUANTIZABLE_TYPES", "LayerQuantization", "OperandSite", "quantize_point",
            "attach_layer", "detach_layer", "attach_sites", "quantized_layers", "operand_sites",
@@ -124,7 +124,7 @@ def _quantize_layer_input(module, args, kwargs):
 def attach_layer(module: nn.Module, name: str, weight_format: FloatFormat | None,
                  input_format: FloatFormat | None, per_channel: bool) -> LayerQuantization:
     """Give ``module`` (a Conv/Linear) its buffers, pre-hook and state; biases start at the
-    formats' own. The weight is not touched here (see :func:`hfp8.ptq.transform`)."""
+    formats' own. The weight is not touched here (see :func:`hfp8.ptq.pipeline`)."""
     if hasattr(module, LAYER_ATTRIBUTE):
         raise ValueError(f"layer {name!r} is already quantized")
     device = module.weight.device

@@ -13,7 +13,12 @@ from torch import nn
 
 from hfp8.ptq.config import QuantConfig
 from hfp8.ptq.quantizers import detach_layer, layer_state, quantized_layers
-from hfp8.ptq.sensitivity import choose_float_layers, layer_costs, layer_sensitivity, predicted_sqnr_db
+from hfp8.ptq.sensitivity import (
+    choose_float_layers,
+    layer_costs,
+    layer_sensitivity,
+    predicted_sqnr_db,
+)
 from hfp8.ptq.weight_rounding import compensated_rounding_many
 
 __all__ = ["compensate_weights", "keep_sensitive_layers_float", "SENSITIVITY_SAMPLES"]

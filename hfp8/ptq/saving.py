@@ -20,15 +20,16 @@ import torch
 from torch import nn
 
 from hfp8._files import atomic_write
+from hfp8._report import MANIFEST_KEY, REPORT_ATTRIBUTE
+from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq.config import QuantConfig, format_from_dict
 from hfp8.ptq.manifest import manifest
 from hfp8.ptq.quantizers import OperandSite, attach_layer, attach_sites, is_quantizable
-from hfp8.ptq.transform import REPORT_ATTRIBUTE, quantize_weight
+from hfp8.ptq.report import QuantReport
 
 __all__ = ["save_quantized", "load_quantized", "read_manifest", "QuantizedFileError",
            "MANIFEST_VERSIONS"]
 
-_KEY = "hfp8_ptq_manifest"
 MANIFEST_VERSIONS = (1, 2)  # 1: before attention sites; its layers read the same way
 
 
@@ -43,7 +44,7 @@ def save_quantized(qmodel: nn.Module, path: str | os.PathLike, overwrite: bool =
     ``OSError`` (ENOSPC) that names the file, and the write is atomic (see ``hfp8._files``).
     """
     data = manifest(qmodel)
-    payload = {_KEY: json.dumps(data, sort_keys=True), "state_dict": qmodel.state_dict()}
+    payload = {MANIFEST_KEY: json.dumps(data, sort_keys=True), "state_dict": qmodel.state_dict()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
 
@@ -64,7 +65,7 @@ def _read(path: str | os.PathLike) -> dict:
             ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise QuantizedFileError(f"{path}: not a readable hfp8-ptq model file ({first_line})") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get(_KEY), str) \
+    if not isinstance(payload, dict) or not isinstance(payload.get(MANIFEST_KEY), str) \
             or not isinstance(payload.get("state_dict"), dict):
         raise QuantizedFileError(f"{path}: not an hfp8-ptq quantized model (no manifest inside)")
     return payload
@@ -129,7 +130,7 @@ def check_manifest(data, path="manifest") -> dict:
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest stored in a file written by :func:`save_quantized`."""
     try:
-        data = json.loads(_read(path)[_KEY])
+        data = json.loads(_read(path)[MANIFEST_KEY])
     except json.JSONDecodeError as error:
         raise QuantizedFileError(f"{path}: damaged manifest: {error}") from None
     return check_manifest(data, path)
@@ -175,7 +176,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     architecture (its weights are replaced; ``model`` itself is not modified)."""
     payload = _read(path)
     try:
-        data = check_manifest(json.loads(payload[_KEY]), path)
+        data = check_manifest(json.loads(payload[MANIFEST_KEY]), path)
     except json.JSONDecodeError as error:
         raise QuantizedFileError(f"{path}: damaged manifest: {error}") from None
     qmodel = copy.deepcopy(model).eval()
@@ -195,25 +196,5 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                                            module.weight_exponent_bias), module.weight.detach()):
             raise QuantizedFileError(f"{path}: weights of {layer['name']!r} are not on the "
                                      f"{fmt.name} grid; the file is damaged")
-    observers = {layer["name"]: layer.get("observer") for layer in data["layers"]
-                 if layer["status"] == "quantized"}
-    for site in data.get("attention") or []:
-        for operand, entry in (site.get("operands") or {}).items():
-            observers[f"{site['name']}.{operand}"] = (entry or {}).get("observer")
-    setattr(qmodel, REPORT_ATTRIBUTE, {
-        "config": data["config"],
-        "kept_float": kept_float,
-        "sites_kept_float": {s["name"]: s.get("reason") for s in data.get("attention") or []
-                             if s["status"] == "float"},
-        "observers": observers,
-        "weights": {layer["name"]: layer.get("weight") for layer in data["layers"]
-                    if layer["status"] == "quantized"},
-        "sensitivity": {entry["name"]: {k: v for k, v in entry.items() if k != "name"}
-                        for entry in data.get("sensitivity") or []},
-        "batchnorm": data.get("batchnorm"),
-        "calibration_samples": data.get("calibration_samples"),
-        "graph": data.get("graph"),
-        "training": data.get("training"),
-        "metadata": data.get("metadata"),
-    })
+    setattr(qmodel, REPORT_ATTRIBUTE, QuantReport.from_manifest(data, kept_float))
     return qmodel

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfp8.calibration import collective
-from hfp8.calibration.batches import calibration_batches, current_batch, model_device
-from hfp8.model_io import call_model, output_leaves, slice_batch
+from hfp8 import distributed
+from hfp8.data.batches import calibration_batches, current_batch, model_device
+from hfp8.data.model_io import call_model, output_leaves, slice_batch
+from hfp8.numerics.sqnr import sqnr_db
 
 __all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db"]
 
@@ -81,7 +82,7 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
                                     max_samples, totals, bar)
     finally:
         bar.close()
-    summed = collective.all_reduce(torch.tensor([totals[n] for n in names] + [float(elements)],
+    summed = distributed.all_reduce(torch.tensor([totals[n] for n in names] + [float(elements)],
                                                 dtype=torch.float64))  # all ranks' batches
     per_element = max(float(summed[-1]), 1.0)
     return {name: float(value) / per_element for name, value in zip(names, summed[:-1])}
@@ -132,7 +133,8 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
 
 
 def predicted_sqnr_db(ratio: float) -> float:
-    return math.inf if ratio <= 0 else -10 * math.log10(ratio)
+    """The SQNR of a predicted noise-to-signal ``ratio`` (clamped at 0: +inf)."""
+    return sqnr_db(1.0, max(ratio, 0.0))
 
 
 def choose_float_layers(sensitivity: dict[str, float], costs: dict[str, float],

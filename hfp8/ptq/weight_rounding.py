@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from hfp8.ptq.fake_quant import nearest_rounder
-from hfp8.ptq.formats import FloatFormat
+from hfp8.numerics.fake_quant import nearest_rounder
+from hfp8.numerics.formats import FloatFormat
 
 __all__ = ["compensated_rounding", "compensated_rounding_many", "DAMPING", "BLOCK"]
 

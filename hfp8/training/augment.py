@@ -29,7 +29,7 @@ import math
 import torch
 from torch.nn import functional
 
-from hfp8.model_io import map_tensors
+from hfp8.data.model_io import map_tensors
 
 __all__ = ["augment_inputs", "is_image"]
 

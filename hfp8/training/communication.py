@@ -26,10 +26,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from hfp8.calibration.bias_selection import max_bias_for_amax
-from hfp8.ptq.codes import decode, encode
-from hfp8.ptq.fake_quant import fake_quantize
-from hfp8.ptq.formats import E5M2, FloatFormat
+from hfp8.numerics.bias_selection import max_bias_for_amax
+from hfp8.numerics.codes import decode, encode
+from hfp8.numerics.fake_quant import fake_quantize
+from hfp8.numerics.formats import E5M2, FloatFormat
 
 __all__ = ["E5M2Communication", "e5m2_hook"]
 

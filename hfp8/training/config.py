@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hfp8.ptq.formats import E4M3, E5M2, FloatFormat
+from hfp8.numerics.formats import E4M3, E5M2, FloatFormat
 
 __all__ = ["TrainingConfig", "GRADIENT_ROUNDINGS"]
 

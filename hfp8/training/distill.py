@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfp8.calibration import collective
-from hfp8.calibration.batches import HeldOutSplit, model_device, to_device
-from hfp8.model_io import call_model, output_leaves, split_batch
-from hfp8.ptq.config import REPORT_ATTRIBUTE
-from hfp8.training.config import TrainingConfig
+from hfp8 import distributed
+from hfp8.data.batches import HeldOutSplit, model_device, to_device
+from hfp8.data.model_io import call_model, output_leaves, split_batch
+from hfp8.ptq.report import report_of
 from hfp8.training.augment import augment_inputs
+from hfp8.training.config import TrainingConfig
 from hfp8.training.hybrid import deployable_snapshot, finish_training, prepare_training
 
 __all__ = ["finetune", "distillation_loss", "SCHEDULES"]
@@ -75,7 +75,7 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
     **Never worse on held-out data; the best epoch is kept.** The distillation loss of the
     deployable model is measured on ``validation`` (batches never trained on) or, by default
     (``hold_out``), on every 4th batch of ``batches``, which training then skips
-    (:class:`hfp8.calibration.batches.HeldOutSplit`): for ``qmodel`` before training and for
+    (:class:`hfp8.data.batches.HeldOutSplit`): for ``qmodel`` before training and for
     the deployable model after every epoch (and after the last step). The model with the lowest
     held-out loss is returned (``qmodel``'s copy when no epoch beats it: checkpoint selection,
     the form of early stopping that costs no steps); with ``patience`` training also stops
@@ -115,12 +115,12 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
     epoch_length = len(batches)
     total = steps if steps is not None else (epochs or 1) * epoch_length
     trained, state = _data_parallel(student, communication)
-    if collective.active():
-        total = int(collective.all_reduce(torch.tensor(total), "min"))
-        epoch_length = int(collective.all_reduce(torch.tensor(epoch_length), "min"))
+    if distributed.active():
+        total = int(distributed.all_reduce(torch.tensor(total), "min"))
+        epoch_length = int(distributed.all_reduce(torch.tensor(epoch_length), "min"))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) \
         if schedule == "cosine" else None
-    generator = torch.Generator().manual_seed(config.seed * 7919 + collective.world()[0])
+    generator = torch.Generator().manual_seed(config.seed * 7919 + distributed.world()[0])
     stream = itertools.islice(itertools.chain.from_iterable(itertools.repeat(batches)), total)
     held = {"checked": validation is not None}
     if validation is not None:
@@ -179,7 +179,7 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
         held.update({"kept": "input" if finished is None else "fine-tuned", "epoch": best[2],
                      "loss_after": best[0]})
     record["held_out"] = held
-    getattr(kept, REPORT_ATTRIBUTE)["training"] = record
+    report_of(kept).training = record
     return kept
 
 
@@ -210,14 +210,14 @@ def _mean_loss(student: nn.Module, teacher: nn.Module, batches, device) -> float
     finally:
         for module, flag in flags:
             module.training = flag
-    if collective.active():
-        total, count = collective.all_reduce(total), collective.all_reduce(count)
+    if distributed.active():
+        total, count = distributed.all_reduce(total), distributed.all_reduce(count)
     return float(total / count.clamp_min(1))
 
 
 def _data_parallel(student: nn.Module, communication: str):
     """(the module to call, the hook's state): DDP with the 1-5-2 hook under a process group."""
-    if not collective.active():
+    if not distributed.active():
         return student, None
     from torch.nn.parallel import DistributedDataParallel
 

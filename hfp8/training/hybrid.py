@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hfp8.calibration.bias_selection import select_exponent_bias
+from hfp8.numerics.bias_selection import select_exponent_bias
+from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
-from hfp8.ptq.transform import quantize_weight
+from hfp8.ptq.report import QuantReport, report_of
 from hfp8.training.config import TrainingConfig
 from hfp8.training.rounding import (
     GradientRounder,
@@ -135,9 +136,9 @@ class HybridTraining:
 
 def _attach_float_model(model: nn.Module, example_batch, config: TrainingConfig) -> nn.Module:
     from hfp8.ptq.graph_probe import probe_model
+    from hfp8.ptq.pipeline import attach_planned_sites
     from hfp8.ptq.plan import plan_quantization
     from hfp8.ptq.quantizers import attach_layer
-    from hfp8.ptq.transform import _attach_sites
 
     if example_batch is None:
         raise ValueError("preparing a float model needs example_batch (to find the first and "
@@ -152,13 +153,11 @@ def _attach_float_model(model: nn.Module, example_batch, config: TrainingConfig)
         if reason is None:
             attach_layer(model.get_submodule(name), name, config.forward_format,
                          config.forward_format, per_channel=False)
-    _attach_sites(model, sites, probe, quant)
-    setattr(model, REPORT_ATTRIBUTE, {
-        "config": quant.to_dict(), "observers": {}, "weights": {}, "batchnorm": None,
-        "calibration_samples": 0, "sensitivity": {},
-        "kept_float": {n: r for n, r in layers.items() if r is not None},
-        "sites_kept_float": {n: r for n, r in sites.items() if r is not None},
-        "graph": {"first": sorted(probe.first), "last": sorted(probe.last), "not_run": []}})
+    attach_planned_sites(model, sites, probe, quant)
+    setattr(model, REPORT_ATTRIBUTE, QuantReport(
+        config=quant.to_dict(), kept_float={n: r for n, r in layers.items() if r is not None},
+        sites_kept_float={n: r for n, r in sites.items() if r is not None},
+        graph={"first": sorted(probe.first), "last": sorted(probe.last), "not_run": []}))
     return model
 
 
@@ -235,11 +234,11 @@ def _deployable(tmodel: nn.Module, training: HybridTraining, calibration, quiet:
             with torch.no_grad():
                 layer.weight.copy_(rounded)
                 layer.weight_exponent_bias.copy_(bias)
-    report = getattr(tmodel, REPORT_ATTRIBUTE)
+    report = report_of(tmodel)
     if calibration is not None:
-        quant = dataclasses.replace(QuantConfig.from_dict(report["config"]), bn_recalibration="none")
+        quant = dataclasses.replace(QuantConfig.from_dict(report.config), bn_recalibration="none")
         observers, _, samples = calibration_pass(tmodel, tmodel, calibration, quant, quiet)
-        report["observers"] = choose_input_biases(tmodel, observers, quant)
-        report["calibration_samples"] = report.get("calibration_samples") or samples
-    report["training"] = training.report()
+        report.observers = choose_input_biases(tmodel, observers, quant)
+        report.calibration_samples = report.calibration_samples or samples
+    report.training = training.report()
     return tmodel.eval()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hfp8.ptq.fake_quant import fake_quantize
+from hfp8.numerics.fake_quant import fake_quantize
 from hfp8.training.scaling import DelayedBias
 
 __all__ = ["GradientRounder", "round_forward_and_gradient", "round_gradient", "round_weight"]

@@ -14,8 +14,8 @@ from collections import deque
 
 import torch
 
-from hfp8.calibration.bias_selection import max_bias_for_amax
-from hfp8.ptq.formats import FloatFormat
+from hfp8.numerics.bias_selection import max_bias_for_amax
+from hfp8.numerics.formats import FloatFormat
 
 __all__ = ["DelayedBias"]
 

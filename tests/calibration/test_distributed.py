@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hfp8
-from hfp8.calibration import SampleConfig, SampleError, SampleFolder, collective
+from hfp8 import distributed
+from hfp8.data import SampleConfig, SampleError, SampleFolder
 from hfp8.ptq.quantizers import quantized_layers
 from tests.small_models import FACTORIES, calibration_batches, trained
 
@@ -159,7 +160,7 @@ def test_sample_folders_shard_by_rank_and_refuse_an_empty_shard(tmp_path):
     shards = [[b[:, 0].tolist() for b in SampleFolder(tmp_path, config, rank=r, world_size=2)]
               for r in range(2)]
     assert shards == [[[0.0, 1.0], [4.0]], [[2.0, 3.0]]]
-    assert collective.world() == (0, 1) and len(SampleFolder(tmp_path, config).files) == 5
+    assert distributed.world() == (0, 1) and len(SampleFolder(tmp_path, config).files) == 5
     for rank in range(4):  # every rank refuses, not only the one left without samples
         with pytest.raises(SampleError, match="rank 3 of 4 gets no sample.*3 batches of 2"):
             SampleFolder(tmp_path, config, rank=rank, world_size=4)
@@ -178,7 +179,7 @@ def test_torchrun_quantize_writes_once_the_model_one_process_makes(tmp_path, wor
     import sys
     from pathlib import Path
 
-    from tests.test_cli import ARCH, EXE, FLAGS
+    from tests.cli.test_cli import ARCH, EXE, FLAGS
 
     subprocess.run([EXE, "example", str(tmp_path / "demo"), "--quiet"], check=True,
                    capture_output=True)

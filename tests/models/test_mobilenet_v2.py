@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hfp8.calibration.image_preprocessing import preprocess_image
+from hfp8.data.image_preprocessing import preprocess_image
 from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2
 
 TABLE_2 = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),

@@ -11,10 +11,16 @@ from torch import nn
 from torch.nn import functional as F
 
 import hfp8
-from hfp8.evaluation import compare_outputs
+from hfp8.export.verify import passed
+from hfp8.ptq.evaluation import compare_outputs
 from hfp8.ptq.quantizers import attention_by_definition, operand_sites, quantized_layers
-from hfp8.ptq.verify import passed
-from tests.structures import PyramidHeads, SamePadNet, TinyEncoder, TupleHeads, token_batches
+from tests.structures import (
+    PyramidHeads,
+    SamePadNet,
+    TinyEncoder,
+    TupleHeads,
+    token_batches,
+)
 
 
 def _images(shape, count=3, seed=0):
@@ -242,7 +248,7 @@ def test_exported_graph_carries_no_local_paths_and_is_deterministic(tmp_path):
     graph = onnx.load(tmp_path / "a.onnx")
     for batch in (1, 5):  # the batch dimension stays free
         x = torch.randn(batch, 3, 14, 14)
-        session = hfp8.ptq.onnx_replay.session(graph)
+        session = hfp8.export.onnx_replay.session(graph)
         outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             expected = qmodel(x)

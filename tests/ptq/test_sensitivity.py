@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import hfp8
-from hfp8.model_io import call_model
+from hfp8.data.model_io import call_model
 from hfp8.ptq.quantizers import quantized_layers
 from hfp8.ptq.sensitivity import choose_float_layers, layer_costs, layer_sensitivity
 

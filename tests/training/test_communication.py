@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hfp8
-from hfp8.calibration.bias_selection import max_bias_for_amax
+from hfp8.numerics.bias_selection import max_bias_for_amax
 from hfp8.training.communication import E5M2Communication, e5m2_hook
 
 
@@ -102,7 +102,7 @@ def _finetune_worker(rank, world, init, out, state):
         qmodel = hfp8.quantize_model(teacher, batches[rank::world], config, quiet=True)
         tuned = finetune(qmodel, teacher, batches[rank::world], steps=3, lr=1e-4, quiet=True,
                          hold_out=False)  # every step taken: this test is about the hook
-        torch.save({"state": tuned.state_dict(), "training": tuned.hfp8_report["training"]},
+        torch.save({"state": tuned.state_dict(), "training": tuned.hfp8_report.training},
                    f"{out}.{rank}")
     finally:
         dist.destroy_process_group()

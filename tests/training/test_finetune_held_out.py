@@ -20,7 +20,7 @@ def _ptq():
 def test_a_fine_tune_that_hurts_returns_the_input_model_unchanged():
     model, qmodel, batches = _ptq()
     tuned = finetune(qmodel, model, batches, epochs=1, lr=0.3, quiet=True)  # lr far too large
-    held = tuned.hfp8_report["training"]["held_out"]
+    held = tuned.hfp8_report.training["held_out"]
     assert held["checked"] and held["kept"] == "input"
     assert held["loss_after"] >= held["loss_before"]
     original = qmodel.state_dict()
@@ -32,7 +32,7 @@ def test_validation_batches_are_judged_and_every_training_batch_is_used():
     model, qmodel, batches = _ptq()
     tuned = finetune(qmodel, model, batches, epochs=1, lr=3e-5, quiet=True,
                      validation=calibration_batches(12)[8:])
-    record = tuned.hfp8_report["training"]
+    record = tuned.hfp8_report.training
     assert record["steps"] + record["skipped_steps"] == 6
     assert record["held_out"]["checked"]
 
@@ -40,11 +40,11 @@ def test_validation_batches_are_judged_and_every_training_batch_is_used():
 def test_without_a_hold_out_nothing_is_checked_and_the_report_says_so():
     model, qmodel, batches = _ptq()
     tuned = finetune(qmodel, model, batches, steps=2, lr=3e-5, quiet=True, hold_out=False)
-    assert tuned.hfp8_report["training"]["held_out"] == {"checked": False}
+    assert tuned.hfp8_report.training["held_out"] == {"checked": False}
 
 
 def test_the_command_line_says_which_model_it_wrote(tmp_path):
-    from tests.test_cli import run
+    from tests.cli.test_cli import run
 
     folder = tmp_path / "demo"
     run("example", folder, check_code=0)
@@ -80,7 +80,7 @@ def test_the_best_epoch_is_kept_and_it_is_never_worse_than_the_input():
     validation = calibration_batches(12)[8:]
     tuned = finetune(qmodel, model, batches, epochs=3, lr=1e-4, quiet=True,
                      validation=validation)
-    held = tuned.hfp8_report["training"]["held_out"]
+    held = tuned.hfp8_report.training["held_out"]
     assert [e["epoch"] for e in held["epochs"]] == [1, 2, 3]
     measured = _kl_per_batch(model, tuned, validation)
     start = _kl_per_batch(model, qmodel, validation)
@@ -94,7 +94,7 @@ def test_the_best_epoch_is_kept_and_it_is_never_worse_than_the_input():
 def test_patience_stops_after_epochs_without_a_better_held_out_loss():
     model, qmodel, batches = _ptq()
     tuned = finetune(qmodel, model, batches, epochs=5, lr=0.3, quiet=True, patience=1)
-    record = tuned.hfp8_report["training"]
+    record = tuned.hfp8_report.training
     assert record["held_out"]["stopped_early"] and record["held_out"]["kept"] == "input"
     assert len(record["held_out"]["epochs"]) == 1
     assert record["steps"] + record["skipped_steps"] == 5  # one epoch of the 5 training batches
@@ -111,7 +111,7 @@ def test_schedule_and_patience_are_checked():
 
 
 def test_the_command_line_passes_schedule_augmentation_and_patience(tmp_path):
-    from tests.test_cli import run
+    from tests.cli.test_cli import run
 
     folder = tmp_path / "demo"
     run("example", folder, check_code=0)

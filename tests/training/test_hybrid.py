@@ -116,7 +116,7 @@ def test_a_planted_huge_gradient_step_is_skipped_and_parameters_stay_finite():
 
 
 def test_a_short_finetune_lowers_the_distillation_loss_and_exports(tmp_path):
-    from hfp8.ptq.verify import passed
+    from hfp8.export.verify import passed
 
     model = trained("mobilenet_like")
     batches = calibration_batches(6)
@@ -128,7 +128,7 @@ def test_a_short_finetune_lowers_the_distillation_loss_and_exports(tmp_path):
     tuned = finetune(qmodel, model, batches, epochs=4, lr=3e-5, quiet=True)
     assert qmodel.training and all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
     qmodel.eval()
-    report = tuned.hfp8_report["training"]
+    report = tuned.hfp8_report.training
     # 1088 samples the fine-tune never saw: on 96 the KL change was within sampling noise
     # (measured on one machine: 1.19x on 96 samples, 0.77x on 1088 at lr 1e-4, which over-fits
     # the 192 fine-tuning samples; 0.59x at 3e-5)

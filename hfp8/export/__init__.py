@@ -1,0 +1,1 @@
+"""ONNX: the QDQ export, its graph form for onnxruntime, replay and verification."""

@@ -1,0 +1,126 @@
+"""Pieces of an exported ONNX file, run on their own in onnxruntime.
+
+* :func:`pair_model`: one quantization point's nodes (clamp, QuantizeLinear, DequantizeLinear),
+  with their scales and zero points as stored in the file;
+* :func:`layer_model`: every node exported under one module's scope (its input's Q/DQ pair, the
+  weight's DequantizeLinear, padding, the convolution or matmul, the bias), with one input and
+  one output, or ``None`` when the layer's nodes do not form such a piece;
+* :func:`session` and :func:`feed`: a default onnxruntime session (as users create them) and the
+  mapping from a model's inputs to the session's named inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import helper
+
+from hfp8.export.onnx_graph import node_scopes, site_nodes
+from hfp8.export.onnx_ops import PAIR_ROLES
+
+__all__ = ["pair_model", "layer_model", "session", "feed", "run"]
+
+
+def _sub_model(model: onnx.ModelProto, nodes: list, name: str,
+               outputs_from: list | None = None) -> onnx.ModelProto | None:
+    """``nodes`` as a model with one input and one output, or None; the output is the value
+    of ``outputs_from`` (default: all nodes) that the rest of the graph reads."""
+    graph = model.graph
+    sources = {id(node) for node in (nodes if outputs_from is None else outputs_from)}
+    produced = {output for node in nodes for output in node.output}
+    consumed = [value for node in nodes for value in node.input if value]
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    extra = [constants[v] for v in dict.fromkeys(consumed) if v in constants and v not in produced]
+    nodes = extra + list(nodes)
+    produced |= {n.output[0] for n in extra}
+    inputs = [v for v in dict.fromkeys(consumed) if v not in produced and v not in initializers]
+    inside = {id(node) for node in nodes}
+    readers_outside = {value for node in graph.node if id(node) not in inside for value in node.input}
+    readers_outside |= {output.name for output in graph.output}
+    outputs = [v for node in nodes if id(node) in sources for v in node.output
+               if v in readers_outside]
+    if len(inputs) != 1 or len(outputs) != 1:
+        return None
+    sub = helper.make_graph(
+        [copy.deepcopy(n) for n in nodes], name,
+        [helper.make_tensor_value_info(inputs[0], onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(outputs[0], onnx.TensorProto.FLOAT, None)],
+        initializer=[copy.deepcopy(initializers[v]) for v in dict.fromkeys(consumed)
+                     if v in initializers])
+    piece = helper.make_model(sub, opset_imports=model.opset_import)
+    piece.ir_version = model.ir_version
+    return piece
+
+
+def pair_model(model: onnx.ModelProto, site: str) -> onnx.ModelProto | None:
+    """The clamp (if any), QuantizeLinear and DequantizeLinear of ``site`` as a model."""
+    roles = site_nodes(model).get(site, {})
+    order = [roles[r] for r in PAIR_ROLES if r in roles]
+    if "quantize" not in roles or "dequantize" not in roles:
+        return None
+    return _sub_model(model, order, f"{site}_qdq")
+
+
+def layer_model(model: onnx.ModelProto, layer: str) -> onnx.ModelProto | None:
+    """Every node exported under module ``layer``'s scope, if they form a one-input,
+    one-output piece."""
+    nodes = [node for node in model.graph.node if layer in node_scopes(node)]
+    inside = {id(node) for node in nodes}
+    pair = site_nodes(model).get(layer, {})  # its input pair, also when shared with another
+    pair = [pair[r] for r in PAIR_ROLES if r in pair]
+    in_pair = {id(node) for node in pair}
+    extra = [node for node in pair if id(node) not in inside]
+    own = [node for node in nodes if id(node) not in in_pair]  # the layer's output comes from these
+    return _sub_model(model, extra + nodes, layer, outputs_from=own) if nodes else None
+
+
+def session(model_or_path, providers=("CPUExecutionProvider",)) -> onnxruntime.InferenceSession:
+    """A session with onnxruntime's default options (graph optimizations on, as users run it)."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if isinstance(model_or_path, onnx.ModelProto):
+        source = model_or_path.SerializeToString()
+    else:
+        source = str(model_or_path)
+        try:  # onnxruntime takes UTF-8 paths only; a name with other bytes is read here
+            source.encode("utf-8")
+        except UnicodeEncodeError:
+            with open(model_or_path, "rb") as stream:
+                source = stream.read()
+    return onnxruntime.InferenceSession(source, options, providers=list(providers))
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+def feed(ort_session, model, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """Session inputs from a call's ``args``/``kwargs``: by argument name where the graph input
+    has one (torch's exporter names inputs after ``forward``'s parameters), else in order."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    given = {names[i] if i < len(names) else f"arg{i}": a for i, a in enumerate(args)}
+    given.update(kwargs)
+    tensors = {key: value for key, value in given.items() if torch.is_tensor(value)}
+    wanted = [i.name for i in ort_session.get_inputs()]
+    result, unnamed = {}, [v for k, v in tensors.items() if k not in wanted]
+    for name in wanted:
+        if name in tensors:
+            result[name] = _numpy(tensors[name])
+        elif unnamed:
+            result[name] = _numpy(unnamed.pop(0))
+        else:
+            raise ValueError(f"the ONNX model wants input {name!r}, which the batch does not give")
+    return result
+
+
+def run(ort_session, inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.asarray(out)) for out in ort_session.run(None, inputs)]

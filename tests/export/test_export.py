@@ -1,0 +1,249 @@
+import hashlib
+import math
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+import hfp8
+from hfp8 import FloatFormat
+from hfp8.ptq.quantizers import quantized_layers
+from tests.small_models import calibration_batches, digits, trained
+
+MODELS = ["mlp", "resnet", "mobilenet_like"]
+
+
+def _quantized(name, granularity="per_channel", **config):
+    config = hfp8.QuantConfig(weight_granularity=granularity, **config)
+    return hfp8.quantize_model(trained(name), calibration_batches(3), config, quiet=True)
+
+
+def _run(path, x):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("name", MODELS)
+def test_onnxruntime_reproduces_the_quantized_model(tmp_path, name, granularity):
+    qmodel = _quantized(name, granularity)
+    path = tmp_path / "q.onnx"
+    hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    test_x = digits()[2][:200]
+    report = hfp8.verify_onnx(qmodel, path, list(test_x.split(100)), reference=trained(name))
+    # Every Q/DQ pair bit-exact on every captured input and on the probe values (ties,
+    # subnormals, saturation, +-Inf, NaN).
+    assert report["bit_exact"], {k: v for k, v in report["pairs"].items() if not v["bit_exact"]}
+    assert set(report["pairs"]) == {n for n, m in quantized_layers(qmodel).items()}
+    # Every quantized layer, replayed from the file on PyTorch's input: within the float32
+    # summation-order bound.
+    assert all(r["checked"] and r["within_bound"] for r in report["layers"].values())
+    # The whole model: no further from the float64 run than PyTorch's float32 run.
+    assert report["whole_model"]["passed"] and report["samples"] == 200
+    assert hfp8.export.verify.passed(report)
+
+
+def test_float_model_export_matches_to_summation_noise(tmp_path):
+    model = trained("resnet")
+    path = tmp_path / "f.onnx"
+    hfp8.export_onnx(model, path, calibration_batches(1)[0])
+    x = digits()[2]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(_run(path, x) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_graph_structure_weights_are_fp8_initializers_behind_dequantize(tmp_path):
+    qmodel = _quantized("mobilenet_like")
+    path = tmp_path / "q.onnx"
+    model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    graph = model.graph
+    assert model.opset_import[0].version == 19
+    assert {o.domain for o in model.opset_import} == {""}  # standard ops only
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    quantized = list(quantized_layers(qmodel))
+    assert quantized
+    for name in quantized:
+        codes = initializers[f"{name}.weight_fp8"]
+        assert codes.data_type == onnx.TensorProto.FLOAT8E4M3FN
+        dq = nodes[f"{name}.weight"]
+        assert dq.input[0] == codes.name
+        scale = onnx.numpy_helper.to_array(initializers[dq.input[1]])
+        layer = qmodel.get_submodule(name)
+        assert np.array_equal(scale, np.ldexp(1.0, 7 - layer.weight_exponent_bias.numpy()).astype(np.float32))
+        assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
+        q = nodes[f"{name}.quantize"]
+        assert q.op_type == "QuantizeLinear" and nodes[f"{name}.dequantize"].input[0] == q.output[0]
+        assert onnx.numpy_helper.to_array(initializers[q.input[1]]) == \
+            np.float32(2.0 ** (7 - int(layer.input_exponent_bias)))
+        # weights decode to the PyTorch weights exactly (ml_dtypes reads the bytes)
+        raw = np.frombuffer(codes.raw_data, dtype=ml_dtypes.float8_e4m3fn).reshape(codes.dims)
+        decoded = raw.astype(np.float32)
+        assert np.array_equal(decoded * scale.reshape(-1, *[1] * (decoded.ndim - 1)),
+                              layer.weight.detach().numpy())
+    # layers kept in float have no Q/DQ and float weights
+    first = "0.0"
+    assert f"{first}.quantize" not in nodes
+    assert initializers[f"{first}.weight"].data_type == onnx.TensorProto.FLOAT
+    # no QuantizeLinear on weights: every Q reads an activation
+    assert all(n.input[0] not in initializers for n in graph.node if n.op_type == "QuantizeLinear")
+    # BatchNorm is never folded into quantized weights (they decode exactly, above); it may be
+    # folded into the float first convolution only
+    assert sum(n.op_type == "BatchNormalization" for n in graph.node) >= \
+        sum(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules()) - 1
+
+
+def test_file_is_small_deterministic_and_batch_is_dynamic(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    batches = [torch.randn(8, 64) for _ in range(2)]
+    config = hfp8.QuantConfig(keep_first_and_last=False)
+    qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
+    hfp8.export_onnx(model, tmp_path / "float.onnx", batches[0])
+    hfp8.export_onnx(qmodel, tmp_path / "a.onnx", batches[0])
+    hfp8.export_onnx(qmodel, tmp_path / "b.onnx", batches[1])
+    sizes = {p: (tmp_path / p).stat().st_size for p in ("float.onnx", "a.onnx")}
+    assert sizes["a.onnx"] <= 0.3 * sizes["float.onnx"], sizes
+    digest = lambda p: hashlib.sha256((tmp_path / p).read_bytes()).hexdigest()  # noqa: E731
+    assert digest("a.onnx") == digest("b.onnx")
+    for batch in (1, 7):  # the batch dimension is free
+        assert _run(tmp_path / "a.onnx", torch.randn(batch, 64)).shape == (batch, 10)
+    assert hfp8.export.verify.passed(hfp8.verify_onnx(qmodel, tmp_path / "a.onnx",
+                                                   [torch.randn(7, 64), torch.randn(1, 64)]))
+
+
+def test_ieee_e4m3_and_e5m2_export_with_exact_pairs(tmp_path):
+    ieee = FloatFormat(4, 3, 7, "ieee")
+    for fmt in (ieee, hfp8.E5M2):
+        qmodel = _quantized("cnn", weight_format=fmt, activation_format=fmt)
+        path = tmp_path / f"{fmt.name}.onnx"
+        model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+        report = hfp8.verify_onnx(qmodel, path, [digits()[2][:100]])
+        assert report["bit_exact"] and hfp8.export.verify.passed(report)
+        expected_type = onnx.TensorProto.FLOAT8E5M2 if fmt == hfp8.E5M2 else onnx.TensorProto.FLOAT8E4M3FN
+        assert any(t.data_type == expected_type for t in model.graph.initializer)
+        if fmt == ieee:  # clamp to +-240 s before Q (as Where)
+            assert {n.op_type for n in model.graph.node if n.name.endswith(".clip_high")} == {"Where"}
+
+
+def test_formats_without_an_onnx_type_are_refused_with_the_alternative(tmp_path):
+    none_layout = FloatFormat(4, 3, 7, "none")
+    qmodel = _quantized("mlp", activation_format=none_layout)
+    with pytest.raises(hfp8.ExportError, match="use specials='fn'"):
+        hfp8.export_onnx(qmodel, tmp_path / "x.onnx", calibration_batches(1)[0])
+    qmodel = _quantized("mlp", weight_format=FloatFormat(3, 4))
+    with pytest.raises(hfp8.ExportError, match="E4M3 .'fn' or 'ieee'. and E5M2"):
+        hfp8.export_onnx(qmodel, tmp_path / "x.onnx", calibration_batches(1)[0])
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_models_torch_export_cannot_capture_get_its_reason(tmp_path):
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.linear(x)
+            if y.sum() > 0:  # Python control flow on a value: nothing to capture it as a graph
+                return y
+            return -y
+
+    with pytest.raises(hfp8.ExportError, match="torch.export cannot capture this model: "
+                                               "GuardOnDataDependentSymNode"):
+        hfp8.export_onnx(DataDependent(), tmp_path / "x.onnx", torch.randn(2, 4))
+    with pytest.raises(hfp8.ExportError, match="opset"):
+        hfp8.export_onnx(nn.Linear(2, 2), tmp_path / "x.onnx", torch.randn(1, 2), opset=17)
+    with pytest.raises(hfp8.ExportError, match="targets"):
+        hfp8.export_onnx(nn.Linear(2, 2), tmp_path / "x.onnx", (torch.randn(1, 2), torch.ones(1)))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_operations_our_old_translator_lacked_now_export(tmp_path):
+    class Odd(nn.Module):  # cumsum and a GRU: torch's exporter knows them
+        def __init__(self):
+            super().__init__()
+            self.linear, self.gru = nn.Linear(4, 4), nn.GRU(4, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(torch.cumsum(self.linear(x), 1))[0]
+
+    model = Odd().eval()
+    x = torch.randn(2, 3, 4)
+    hfp8.export_onnx(model, tmp_path / "odd.onnx", x)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "odd.onnx"))
+    actual = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(actual - expected).max() < 1e-5
+
+
+def test_export_does_not_touch_the_model(tmp_path):
+    qmodel = _quantized("cnn").train()
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    hfp8.export_onnx(qmodel, tmp_path / "q.onnx", calibration_batches(1)[0])
+    assert qmodel.training
+    assert all(torch.equal(v, before[k]) for k, v in qmodel.state_dict().items())
+
+
+def test_manifest_travels_in_the_metadata(tmp_path):
+    import json
+
+    qmodel = _quantized("cnn")
+    model = hfp8.export_onnx(qmodel, tmp_path / "q.onnx", calibration_batches(1)[0])
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["hfp8_ptq_manifest"]) == json.loads(json.dumps(hfp8.manifest(qmodel)))
+
+
+def test_probe_values_cover_ties_subnormals_and_overflow():
+    probes = hfp8.export.verify.probe_values(hfp8.E4M3)
+    finite = probes[torch.isfinite(probes)]
+    assert (finite == 2.0**-10).any()  # half the smallest subnormal: a tie to zero
+    assert (finite == 464.0).any()  # the tie between 448 and the (NaN) code above
+    assert (finite > 448 * 1.4).any() and torch.isnan(probes).any() and torch.isinf(probes).any()
+    assert math.isclose(float(finite[finite > 0].min()), 2.0**-9 / 3, rel_tol=1e-6)
+
+
+def test_verification_fails_on_a_tampered_file(tmp_path):
+    qmodel = _quantized("cnn")
+    path = tmp_path / "q.onnx"
+    model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    samples = [digits()[2][:100]]
+    assert hfp8.export.verify.passed(hfp8.verify_onnx(qmodel, path, samples))
+
+    # 1. a float part of the graph goes wrong (as onnxruntime's Relu fusion makes it): every
+    # Relu becomes the identity. Pairs stay exact; layer replay and the whole model catch it.
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in broken.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Identity"
+    onnx.save(broken, tmp_path / "relu.onnx")
+    report = hfp8.verify_onnx(qmodel, tmp_path / "relu.onnx", samples)
+    assert report["bit_exact"] and not report["whole_model"]["passed"]
+    assert not hfp8.export.verify.passed(report)
+
+    # 2. a Q/DQ pair rounds differently (its scale doubled)
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    quantize = next(n for n in broken.graph.node if n.name == "1.0.quantize")
+    scale = next(t for t in broken.graph.initializer if t.name == quantize.input[1])
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
+    onnx.save(broken, tmp_path / "scale.onnx")
+    report = hfp8.verify_onnx(qmodel, tmp_path / "scale.onnx", samples)
+    assert not report["pairs"]["1.0"]["bit_exact"] and not hfp8.export.verify.passed(report)
+
+    # 3. a weight code flipped: pairs exact, the layer replay catches it
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    codes = next(t for t in broken.graph.initializer if t.name == "1.0.weight_fp8")
+    raw = bytearray(codes.raw_data)
+    raw[0] ^= 0x08  # one exponent bit
+    codes.raw_data = bytes(raw)
+    onnx.save(broken, tmp_path / "weight.onnx")
+    report = hfp8.verify_onnx(qmodel, tmp_path / "weight.onnx", samples)
+    assert report["bit_exact"] and not report["layers"]["1.0"]["within_bound"]
+    assert not hfp8.export.verify.passed(report)
