@@ -24,10 +24,9 @@ import onnxruntime
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from photos import photo_crops  # noqa: E402
-
 import hfp8  # noqa: E402
 from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
+from photos import photo_crops  # noqa: E402
 
 
 def session(path: str, disable_qdq: bool = False) -> onnxruntime.InferenceSession:

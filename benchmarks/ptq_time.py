@@ -23,10 +23,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "gallery")]
 
-from photos import photo_crops  # noqa: E402
-
 import hfp8  # noqa: E402
 from hfp8.ptq import pipeline, refinement  # noqa: E402
+from photos import photo_crops  # noqa: E402
 
 STEPS = {pipeline: ("analysis_pass", "compensate_weights", "choose_input_biases",
                      "calibration_pass"), refinement: ("layer_sensitivity",)}

@@ -24,12 +24,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "gallery")]
 
-from photos import photo_crops  # noqa: E402
-
 import hfp8  # noqa: E402
 from hfp8.data.model_io import call_model, output_leaves  # noqa: E402
 from hfp8.ptq.quantizers import quantized_layers  # noqa: E402
 from hfp8.ptq.sensitivity import layer_sensitivity  # noqa: E402
+from photos import photo_crops  # noqa: E402
 
 
 def load(name):

@@ -30,11 +30,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peers import PEERS, hfp8_float_layers, peer_versions, quantized_layers  # noqa: E402
-
 import hfp8  # noqa: E402
-from hfp8.examples import example_data_dir, fashion_cnn  # noqa: E402
 from hfp8.ptq.evaluation import collect_logits, fidelity, top1_accuracy  # noqa: E402
+from hfp8.examples import example_data_dir, fashion_cnn  # noqa: E402
+from peers import PEERS, hfp8_float_layers, peer_versions, quantized_layers  # noqa: E402
 
 E4M3_MAX = 448.0
 

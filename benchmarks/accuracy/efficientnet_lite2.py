@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
-from harness import PLAIN, C, Row, ours
 from photo_classifier import main
+
+from harness import PLAIN, C, Row, ours
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gallery"))
 from real_models import load_efficientnet_lite2  # noqa: E402

@@ -24,8 +24,8 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 from fashion_resnet import images_to_inputs, trained_model  # noqa: E402
 from harness import DEFAULT, logits_of, run, standard_rows, write_outputs  # noqa: E402
 
-from hfp8.examples.fashion_mnist import load_fashion_mnist  # noqa: E402
 from hfp8.ptq.evaluation import fidelity  # noqa: E402
+from hfp8.examples.fashion_mnist import load_fashion_mnist  # noqa: E402
 
 
 def main() -> None:

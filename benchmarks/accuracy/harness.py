@@ -20,12 +20,12 @@ from typing import Callable
 import numpy as np
 import onnxruntime
 import torch
-from int8_baseline import int8_quantize_model
-from plotting import pyplot_or_none
 from torch import nn
 
 import hfp8
 from hfp8.ptq.evaluation import collect_logits
+from int8_baseline import int8_quantize_model
+from plotting import pyplot_or_none
 
 C = hfp8.QuantConfig
 

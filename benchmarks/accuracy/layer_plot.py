@@ -17,11 +17,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
-from photos import photo_crops  # noqa: E402
-
 import hfp8  # noqa: E402
 from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
 from hfp8.ptq.plot import plot_manifest  # noqa: E402
+from photos import photo_crops  # noqa: E402
 
 
 def main() -> None:

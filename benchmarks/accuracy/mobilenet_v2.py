@@ -9,8 +9,9 @@ Writes results/mobilenet_v2.json and .png beside this file (see photo_classifier
 
 from __future__ import annotations
 
-from harness import PLAIN, C, Row, ours
 from photo_classifier import main
+
+from harness import PLAIN, C, Row, ours
 
 from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2
 

@@ -87,10 +87,8 @@ def _import_brevitas():
     import brevitas.nn as qnn
     from brevitas.graph.calibrate import calibration_mode
     from brevitas.graph.quantize import layerwise_quantize
-    from brevitas.quant.float_quant_ocp import (
-        Fp8e4m3OCPActPerTensorFloat,
-        Fp8e4m3OCPWeightPerTensorFloat,
-    )
+    from brevitas.quant.float_quant_ocp import (Fp8e4m3OCPActPerTensorFloat,
+                                                Fp8e4m3OCPWeightPerTensorFloat)
     return (qnn, calibration_mode, layerwise_quantize, Fp8e4m3OCPActPerTensorFloat,
             Fp8e4m3OCPWeightPerTensorFloat)
 

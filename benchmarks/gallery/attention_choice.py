@@ -17,12 +17,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-import gallery  # noqa: E402
-import real_models  # noqa: E402
 import torch  # noqa: E402
 
 import hfp8  # noqa: E402
 from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
+
+import gallery  # noqa: E402
+import real_models  # noqa: E402
 
 
 def main() -> None:

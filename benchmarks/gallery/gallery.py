@@ -39,15 +39,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hfp8  # noqa: E402
+from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
+from hfp8.data.model_io import call_model  # noqa: E402
+from hfp8.ptq.quantizers import is_quantizable, quantized_layers  # noqa: E402
+from hfp8.export.verify import passed  # noqa: E402
+
 import real_models  # noqa: E402
 import texts  # noqa: E402
 from photos import photo_crops  # noqa: E402
-
-import hfp8  # noqa: E402
-from hfp8.data.model_io import call_model  # noqa: E402
-from hfp8.export.verify import passed  # noqa: E402
-from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
-from hfp8.ptq.quantizers import is_quantizable, quantized_layers  # noqa: E402
 
 
 # -- data -----------------------------------------------------------------------------------

@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "accuracy"), str(HERE.parent / "gallery")]
 
-from plotting import plot_loss_curves  # noqa: E402
-from tasks import TASKS  # noqa: E402
-
 import hfp8  # noqa: E402
 from hfp8.training import TrainingConfig, finish_training, prepare_training  # noqa: E402
+from plotting import plot_loss_curves  # noqa: E402
+from tasks import TASKS  # noqa: E402
 
 VARIANTS = {
     "FP32": None,

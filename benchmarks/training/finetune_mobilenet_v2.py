@@ -23,13 +23,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "accuracy")]
 
+import hfp8  # noqa: E402
+from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
+from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
+from hfp8.training import TrainingConfig, finetune  # noqa: E402
 from int8_baseline import int8_quantize_model  # noqa: E402
 from photos import benchmark_batches  # noqa: E402
-
-import hfp8  # noqa: E402
-from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
-from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
-from hfp8.training import TrainingConfig, finetune  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +80,7 @@ def main() -> None:
               f"(min {min(values):.4f}, max {max(values):.4f})")
     ratios = [row[2] / ptq_kl for row in tuned_rows]
     agreement = sum(row[1] for row in tuned_rows) / len(tuned_rows)
-    print(f"KL / PTQ KL: " + ", ".join(f"{r:.3f}" for r in ratios))
+    print("KL / PTQ KL: " + ", ".join(f"{r:.3f}" for r in ratios))
     print(f"goal: agreement >= 0.90 and KL <= 0.8x PTQ's: mean agreement {agreement:.3f}, "
           f"KL ratio {sum(ratios) / len(ratios):.3f} -> "
           f"{'met' if agreement >= 0.90 and max(ratios) <= 0.8 else 'missed'}")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-from fashion_resnet import fashion_resnet, images_to_inputs
 from torch import nn
 from torch.nn import functional as F
 
+from fashion_resnet import fashion_resnet, images_to_inputs
 from hfp8.examples.fashion_mnist import load_fashion_mnist
 
 __all__ = ["TASKS"]
