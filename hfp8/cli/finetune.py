@@ -39,7 +39,7 @@ def finetune(args) -> tuple[dict, str, int]:
     tuned = run_finetune(qmodel, teacher, samples, steps=args.steps, epochs=args.epochs,
                          lr=args.lr, label_weight=args.label_weight if labelled else 0.0,
                          config=config, quiet=args.quiet, validation=validation,
-                         augment=not args.no_augment, schedule=args.lr_schedule,
+                         augment=args.augment, schedule=args.lr_schedule,
                          patience=args.patience)
     report_of(tuned).metadata = {**metadata, "architecture": arch}
     report = {"output": args.output}
@@ -93,9 +93,9 @@ def add_parser(command, model_arguments, sample_arguments) -> None:
                    help="weight of the cross-entropy term with --data (default 1)")
     f.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: decay --lr to 0 over the steps (default); constant: keep it")
-    f.add_argument("--no-augment", action="store_true",
-                   help="train on the samples as they are (default: random resized crops and "
-                   "mirror images of image inputs, the same view for teacher and student)")
+    f.add_argument("--augment", action="store_true",
+                   help="train on random resized crops and mirror images of image inputs, the "
+                   "same view for teacher and student (default: the samples as they are)")
     f.add_argument("--patience", type=int, metavar="N",
                    help="stop after N epochs without a better held-out loss (default: run every "
                    "epoch; the best one is kept either way)")

@@ -123,10 +123,13 @@ def test_the_command_line_passes_schedule_augmentation_and_patience(tmp_path):
     common = ["finetune", "q.pt", "--arch", "recorded", "--calib", "calibration", "--reference",
               "model.pt", "--quiet"]
     result = run(*common, "-o", "t.pt", "--epochs", "2", "--lr-schedule", "constant",
-                 "--no-augment", "--json", cwd=folder, check_code=0)
+                 "--json", cwd=folder, check_code=0)
     training = json.loads(result.stdout)["training"]
     assert training["schedule"] == "constant" and training["augmented"] is False
     assert [e["epoch"] for e in training["held_out"]["epochs"]] == [1, 2]
+    augmented = run(*common, "-o", "t4.pt", "--steps", "2", "--augment", "--json", cwd=folder,
+                    check_code=0)
+    assert json.loads(augmented.stdout)["training"]["augmented"] is True
     text = run(*common, "-o", "t2.pt", "--epochs", "2", cwd=folder, check_code=0).stdout
     assert " of 2 kept): the fine-tuned model is written" in text or "no held-out gain" in text
     error = run(*common, "-o", "t3.pt", "--patience", "0", cwd=folder, check_code=2).stderr
