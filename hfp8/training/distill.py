@@ -124,12 +124,9 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
         if schedule == "cosine" else None
     generator = torch.Generator().manual_seed(config.seed * 7919 + distributed.world()[0])
     stream = itertools.islice(itertools.chain.from_iterable(itertools.repeat(batches)), total)
-    held = {"checked": validation is not None}
+    held, best = {"checked": validation is not None}, None  # best: (loss, model or None, epoch)
     if validation is not None:
-        held["epochs"] = []
-    best = None
-    if validation is not None:
-        held["loss_before"] = _mean_loss(qmodel, teacher, validation, device)
+        held.update(epochs=[], loss_before=_mean_loss(qmodel, teacher, validation, device))
         best = (held["loss_before"], None, 0)
     start, augmented = time.perf_counter(), False
     bar = tqdm(stream, total=total, desc="HFP8 fine-tuning", unit="step", disable=quiet,
@@ -138,7 +135,8 @@ def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | Non
         for index, batch in enumerate(bar, 1):
             args, kwargs, left = split_batch(student, to_device(batch, device))
             if augment:
-                args, kwargs, augmented = augment_inputs(args, kwargs, generator)
+                args, kwargs, viewed = augment_inputs(args, kwargs, generator)
+                augmented = augmented or viewed
             with torch.no_grad():
                 target = teacher(*args, **kwargs)
             output = trained(*args, **kwargs)
