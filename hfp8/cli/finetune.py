@@ -63,14 +63,14 @@ def _held_out_text(held: dict) -> str:
     if not held.get("checked"):
         return "held-out check: none (fewer than 2 batches and no --val)"
     epochs = held["epochs"]
-    stopped = " (stopped early)" if held.get("stopped_early") else ""
+    early = bool(held.get("stopped_early"))
     if held["kept"] == "fine-tuned":
+        kept = f"epoch {held['epoch']} of {len(epochs)} kept" + ", stopped early" * early
         return (f"held-out distillation loss {held['loss_before']:.4g} -> {held['loss_after']:.4g} "
-                f"(epoch {held['epoch']} of {len(epochs)} kept{stopped}): the fine-tuned model "
-                f"is written")
-    tried = ", ".join(f"{epoch['loss']:.4g}" for epoch in epochs)
+                f"({kept}): the fine-tuned model is written")
+    tried = ", ".join(f"{epoch['loss']:.4g}" for epoch in epochs) + "; stopped early" * early
     return (f"no held-out gain (distillation loss {held['loss_before']:.4g}; after each epoch "
-            f"{tried}{stopped}): the input model is written unchanged")
+            f"{tried}): the input model is written unchanged")
 
 
 def add_parser(command, model_arguments, sample_arguments) -> None:
