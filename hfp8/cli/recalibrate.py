@@ -88,7 +88,7 @@ def check_held_out(before, after, reference, batches) -> dict:
 
 
 def recalibrate_bn(args) -> tuple[dict, str, int]:
-    # imported here, not at the top: building the parser must stay light (see cli_finetune)
+    # imported here, not at the top: building the parser must stay light (see hfp8.cli.finetune)
     import copy
 
     import hfp8
