@@ -43,6 +43,15 @@ def quantized(example):
     return example, result
 
 
+def quantized_example(folder):
+    """``hfp8-ptq example`` into ``folder``, then the built-in model quantized to ``q.pt`` there
+    (the README's first step, default flags)."""
+    run("example", folder, check_code=0)
+    run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS, "-o", "q.pt", "--quiet",
+        cwd=folder, check_code=0)
+    return folder
+
+
 def test_quick_start_quantize_export_evaluate(quantized):
     folder, result = quantized
     assert "first layer: reads the model input" in result.stdout  # the manifest table

@@ -6,16 +6,12 @@ import json
 
 import pytest
 
-from tests.cli.test_cli import ARCH, FLAGS, run
+from tests.cli.test_cli import ARCH, FLAGS, quantized_example, run
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("newcomer") / "demo"
-    run("example", folder, check_code=0)
-    run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS, "-o", "q.pt", "--quiet",
-        cwd=folder, check_code=0)
-    return folder
+    return quantized_example(tmp_path_factory.mktemp("newcomer") / "demo")
 
 
 def test_arch_finds_a_module_in_the_current_folder(demo):

@@ -8,16 +8,12 @@ import re
 
 import pytest
 
-from tests.cli.test_cli import ARCH, FLAGS, _assert_input_error, run
+from tests.cli.test_cli import ARCH, FLAGS, _assert_input_error, quantized_example, run
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("recal") / "demo"
-    run("example", folder, check_code=0)
-    run("quantize", "model.pt", *ARCH, "--calib", "calibration", *FLAGS, "-o", "q.pt", "--quiet",
-        cwd=folder, check_code=0)
-    return folder
+    return quantized_example(tmp_path_factory.mktemp("recal") / "demo")
 
 
 def _recalibrate(folder, *extra, output="r.pt"):

@@ -4,6 +4,7 @@
 import functools
 import json
 
+import pytest
 import torch
 
 import hfp8
@@ -45,14 +46,18 @@ def test_without_a_hold_out_nothing_is_checked_and_the_report_says_so():
     assert tuned.hfp8_report.training["held_out"] == {"checked": False}
 
 
-def test_the_command_line_says_which_model_it_wrote(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The built-in example quantized with default flags (each test writes its own outputs)."""
+    from tests.cli.test_cli import quantized_example
+
+    return quantized_example(tmp_path_factory.mktemp("finetune") / "demo")
+
+
+def test_the_command_line_says_which_model_it_wrote(demo):
     from tests.cli.test_cli import run
 
-    folder = tmp_path / "demo"
-    run("example", folder, check_code=0)
-    run("quantize", "model.pt", "--arch", "hfp8.examples:fashion_cnn", "--calib", "calibration",
-        "--channels", "1", "--mean", "0", "--std", "1", "--resize", "0", "--crop", "0", "-o",
-        "q.pt", "--quiet", cwd=folder, check_code=0)
+    folder = demo
     result = run("finetune", "q.pt", "--arch", "recorded", "--calib", "calibration",
                  "--reference", "model.pt", "-o", "bad.pt", "--lr", "0.3", "--json", "--quiet",
                  cwd=folder, check_code=0)
@@ -103,8 +108,6 @@ def test_patience_stops_after_epochs_without_a_better_held_out_loss():
 
 
 def test_schedule_and_patience_are_checked():
-    import pytest
-
     model, qmodel, batches = _ptq()
     with pytest.raises(ValueError, match="schedule"):
         finetune(qmodel, model, batches, steps=1, schedule="linear", quiet=True)
@@ -112,14 +115,10 @@ def test_schedule_and_patience_are_checked():
         finetune(qmodel, model, batches, steps=1, patience=0, quiet=True)
 
 
-def test_the_command_line_passes_schedule_augmentation_and_patience(tmp_path):
+def test_the_command_line_passes_schedule_augmentation_and_patience(demo):
     from tests.cli.test_cli import run
 
-    folder = tmp_path / "demo"
-    run("example", folder, check_code=0)
-    run("quantize", "model.pt", "--arch", "hfp8.examples:fashion_cnn", "--calib", "calibration",
-        "--channels", "1", "--mean", "0", "--std", "1", "--resize", "0", "--crop", "0", "-o",
-        "q.pt", "--quiet", cwd=folder, check_code=0)
+    folder = demo
     common = ["finetune", "q.pt", "--arch", "recorded", "--calib", "calibration", "--reference",
               "model.pt", "--quiet"]
     result = run(*common, "-o", "t.pt", "--epochs", "2", "--lr-schedule", "constant",
