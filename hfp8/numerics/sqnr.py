@@ -10,13 +10,12 @@ __all__ = ["sqnr_db"]
 def sqnr_db(signal: float, noise: float) -> float:
     """``10 log10(signal / noise)`` in dB, for summed squares ``signal = sum z^2`` and
     ``noise = sum (z - z_q)^2``. Exact values (``noise == 0``) give ``+inf``, whatever the
-    signal; noise over a zero signal gives ``-inf``; NaN in either stays NaN (a NaN output is
-    reported, not hidden). Never None, so reports can compare and sort it. (Strict JSON has no
+    signal; noise over a zero signal, or infinite noise, gives ``-inf``; NaN in either stays NaN
+    (a NaN output is reported, not hidden). Never None, so reports can compare and sort it. (Strict JSON has no
     infinity: the CLI's ``--json`` writes it as null.)"""
     if math.isnan(signal) or math.isnan(noise):
         return math.nan
     if noise == 0:
         return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
+    ratio = signal / noise
+    return -math.inf if ratio == 0 else 10 * math.log10(ratio)

@@ -26,5 +26,10 @@ def test_noise_over_a_zero_signal_is_minus_infinity():
     assert sqnr_db(0.0, 1e-30) == -math.inf
 
 
+def test_infinite_noise_is_minus_infinity_not_a_math_domain_error():
+    """Verification's float32 floor passes an infinite relative bound (``K u >= 1/2``) here."""
+    assert sqnr_db(1.0, math.inf) == -math.inf
+
+
 def test_nan_is_reported_not_hidden():
     assert math.isnan(sqnr_db(math.nan, 1.0)) and math.isnan(sqnr_db(1.0, math.nan))
