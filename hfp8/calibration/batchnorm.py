@@ -217,9 +217,9 @@ def reestimate_batchnorm(
     and the layers that never ran (left unchanged). (The public
     :func:`hfp8.recalibrate_batchnorm` also records it in a quantized model's report.)
     """
-    if method not in BN_MODES[:2]:
-        raise ValueError(f"method must be one of {BN_MODES[:2]}, got {method!r} (for 'none', "
-                         "do not call it)")
+    if method not in BN_MODES or method == "none":
+        raise ValueError(f"method must be 'shift' or 'full', got {method!r} (for 'none', do not "
+                         "call it)")
     if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
         raise ValueError(f"measure_every must be a positive int, got {measure_every!r}")
     layers = batchnorm_layers(model)

@@ -45,8 +45,7 @@ def augment_inputs(args: tuple, kwargs: dict, generator: torch.Generator,
                    min_area: float = 0.25) -> tuple[tuple, dict, bool]:
     """``(args, kwargs, augmented)``: the inputs with every image tensor replaced by a random
     view (see the module docstring); ``augmented`` says whether any was."""
-    views: dict[tuple[int, int, int], torch.Tensor] = {}
-    seen = []
+    views: dict[tuple[int, int, int], torch.Tensor] = {}  # one set of views per (N, H, W)
 
     def view(value):
         if not is_image(value):
@@ -54,14 +53,13 @@ def augment_inputs(args: tuple, kwargs: dict, generator: torch.Generator,
         key = (value.shape[0], value.shape[2], value.shape[3])
         if key not in views:
             views[key] = _random_affine(value.shape[0], generator, min_area)
-        seen.append(key)
         theta = views[key].to(device=value.device, dtype=value.dtype)
         grid = functional.affine_grid(theta, list(value.shape), align_corners=False)
         return functional.grid_sample(value, grid, mode="bilinear", padding_mode="border",
                                       align_corners=False)
 
     args, kwargs = map_tensors(tuple(args), view), map_tensors(dict(kwargs), view)
-    return args, kwargs, bool(seen)
+    return args, kwargs, bool(views)
 
 
 def _random_affine(count: int, generator: torch.Generator, min_area: float) -> torch.Tensor:
