@@ -48,8 +48,6 @@ from hfp8.ptq.quantizers import (
 
 __all__ = ["verify_onnx", "probe_values", "passed", "summation_bound", "paired_test"]
 
-UNIT_ROUNDOFF = 2.0 ** -24  # float32
-
 
 def probe_values(fmt) -> torch.Tensor:
     """Hard cases for ``fmt`` (bias included): grid points, ties, overflow, flush, specials."""
@@ -70,7 +68,7 @@ def _bitwise_mismatches(expected: np.ndarray, actual: np.ndarray) -> int:
 
 def summation_bound(terms: int) -> float:
     """``2 gamma_terms``: how far two float32 sums of ``terms`` products may lie apart."""
-    return 2 * terms * UNIT_ROUNDOFF / (1 - terms * UNIT_ROUNDOFF)
+    return 2 * noise_floor.relative_bound(terms)
 
 
 def paired_test(candidate: list[float], baseline: list[float]) -> dict:
