@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hfp8  # noqa: E402
 from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
 from hfp8.data.model_io import call_model  # noqa: E402
+from hfp8.numerics.sqnr import strict_json  # noqa: E402
 from hfp8.ptq.quantizers import is_quantizable, quantized_layers  # noqa: E402
 from hfp8.export.verify import passed  # noqa: E402
 
@@ -224,17 +224,6 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def _finite(value):
-    """Strict JSON: infinite SQNRs (identical outputs) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
 def main() -> None:
     names = ["mobilenet_v2", "efficientnet_lite2", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet",
              "retinaface", "minilm_l6"]
@@ -251,7 +240,7 @@ def main() -> None:
         print(f"{name}: {_fidelity(rows[-1])}, verification "
               f"{'OK' if rows[-1]['verification']['passed'] else 'FAILED'} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
-    Path(args.output).write_text(json.dumps(_finite(rows), indent=1, allow_nan=False) + "\n")
+    Path(args.output).write_text(json.dumps(strict_json(rows), indent=1, allow_nan=False) + "\n")
     print(table(rows))
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
 import threading
 import warnings
+
+from hfp8.numerics.sqnr import strict_json
 
 __all__ = ["main", "build_parser"]
 
@@ -230,17 +231,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"hfp8-ptq: warning: {message}", file=sys.stderr)
 
 
-def _json_safe(value):
-    """Strict JSON: a non-finite float (an infinite SQNR of identical outputs) becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def _process_group(args):
     """Under torchrun (WORLD_SIZE > 1): join the process group; only rank 0 writes and prints."""
     import datetime
@@ -304,7 +294,7 @@ def _run(args) -> int:
     if rank != 0:  # under torchrun only rank 0 reports (errors: every rank, above)
         return code
     try:
-        print(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False)
+        print(json.dumps(strict_json(report), indent=2, sort_keys=True, allow_nan=False)
               if args.json else text, flush=True)
     except BrokenPipeError:  # `hfp8-ptq inspect ... | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -33,3 +33,13 @@ def test_infinite_noise_is_minus_infinity_not_a_math_domain_error():
 
 def test_nan_is_reported_not_hidden():
     assert math.isnan(sqnr_db(math.nan, 1.0)) and math.isnan(sqnr_db(1.0, math.nan))
+
+
+def test_strict_json_writes_every_non_finite_value_as_null_at_any_depth():
+    import json
+
+    from hfp8.numerics.sqnr import strict_json
+
+    report = {"a": math.inf, "b": [1.0, -math.inf, (math.nan, 2)], "c": {"d": 3.5, "e": "x"}}
+    text = json.dumps(strict_json(report), allow_nan=False)  # raises if anything is left
+    assert json.loads(text) == {"a": None, "b": [1.0, None, [None, 2]], "c": {"d": 3.5, "e": "x"}}
