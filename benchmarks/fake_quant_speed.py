@@ -17,6 +17,7 @@ import torch
 
 import hfp8
 from hfp8 import FloatFormat
+from results_doc import add_update_flag, command_line, markdown_table, write_section
 
 
 def naive_e4m3(x: torch.Tensor, bias: int) -> torch.Tensor:
@@ -28,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--rounds", type=int, default=7)
+    add_update_flag(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -59,6 +61,10 @@ def main() -> None:
     print(f"{'case':44s} {'throughput / clone':>20s}")
     for name, values in ratios.items():
         print(f"{name:44s} {statistics.median(values):20.2f}")
+    if args.update_docs:
+        rows = [[name, f"{statistics.median(values):.2f}"] for name, values in ratios.items()]
+        write_section("fake-quant-speed", markdown_table(["case", "throughput / clone"], rows),
+                      command_line())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hfp8  # noqa: E402
 from hfp8.models import imagenet_mobilenet_v2_weights_path, mobilenet_v2  # noqa: E402
 from photos import photo_crops  # noqa: E402
+from results_doc import add_update_flag, command_line, markdown_table, write_section  # noqa: E402
 
 
 def session(path: str, disable_qdq: bool = False) -> onnxruntime.InferenceSession:
@@ -41,7 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    add_update_flag(parser)
     args = parser.parse_args()
+    rows = []
 
     model = mobilenet_v2(weights=imagenet_mobilenet_v2_weights_path()).eval()
     calibration = list(photo_crops("calibration", 64, seed=0).split(16))
@@ -74,6 +77,13 @@ def main() -> None:
             print(f"{batch:5d} {median['float']:9.2f} {median['qdq']:8.2f} "
                   f"{median['qdq'] / median['float']:9.2f}x "
                   f"{median['qdq, QDQ transforms off'] / median['float']:25.2f}x", flush=True)
+            rows.append([str(batch), f"{median['float']:.2f}", f"{median['qdq']:.2f}",
+                         f"{median['qdq'] / median['float']:.2f}x",
+                         f"{median['qdq, QDQ transforms off'] / median['float']:.2f}x"])
+    if args.update_docs:
+        write_section("onnx-latency", markdown_table(
+            ["batch", "float ms", "QDQ ms", "QDQ / float",
+             "QDQ with onnxruntime's QDQ transforms off / float"], rows), command_line())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 set, measured side by side (interleaved, median of ``--repeats`` runs) in one process.
 
     python benchmarks/ptq_time.py [--model mobilenet_v2|efficientnet_lite2|both] [--repeats 3] [--steps]
+        [--update-docs]
 
 Rows: the default (BN shift + compensated rounding + 1% float budget), without the budget
 (no sensitivity estimate), with rounding to nearest (no analysis pass), and the plain BN-shift
@@ -26,7 +27,14 @@ sys.path[:0] = [str(HERE), str(HERE / "gallery")]
 import hfp8  # noqa: E402
 from hfp8.ptq import pipeline, refinement  # noqa: E402
 from photos import photo_crops  # noqa: E402
+from results_doc import add_update_flag, command_line, markdown_table, write_section  # noqa: E402
 
+TITLES = {"mobilenet_v2": "MobileNetV2", "efficientnet_lite2": "EfficientNet-Lite2"}
+STEP_TITLES = {"calibration_pass": "main pass (BN shift and input ranges)",
+               "analysis_pass": "analysis pass (2 batches)",
+               "layer_sensitivity": "sensitivity estimate",
+               "compensate_weights": "compensated rounding",
+               "choose_input_biases": "input bias selection"}
 STEPS = {pipeline: ("analysis_pass", "compensate_weights", "choose_input_biases",
                      "calibration_pass"), refinement: ("layer_sensitivity",)}
 
@@ -76,7 +84,9 @@ def main() -> None:
     parser.add_argument("--model", default="both", choices=("mobilenet_v2", "efficientnet_lite2", "both"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", action="store_true", help="time each step of the default")
+    add_update_flag(parser)
     args = parser.parse_args()
+    columns: dict = {}
     torch.set_num_threads(2)
     seconds: dict = {}
     if args.steps:
@@ -98,11 +108,21 @@ def main() -> None:
                         steps.setdefault(step, []).append(spent)
         unit = statistics.median(times["float"])
         print(f"{name}: one FP32 pass over 256 crops {unit:.1f} s (median of {args.repeats})")
+        column = columns[name] = {"one FP32 pass over 256 crops": f"{unit:.1f} s"}
         for label in ROWS:
             median = statistics.median(times[label])
             print(f"  {label:48s} {median:6.1f} s  {median / unit:5.2f}x", flush=True)
-        for step, spent in steps.items():
+            column[label] = f"{median:.1f} s, {median / unit:.2f}x"
+        for step, spent in sorted(steps.items(), key=lambda item: -sum(item[1])):
             print(f"  default, step {step:34s} {statistics.median(spent) / unit:5.2f}x")
+            column[f"default, step: {STEP_TITLES.get(step, step)}"] = \
+                f"{statistics.median(spent) / unit:.2f}x"
+    if args.update_docs:
+        labels = list(next(iter(columns.values())))
+        rows = [[label, *(columns[name].get(label, "-") for name in columns)] for label in labels]
+        rows[1] = [f"**{cell}**" for cell in rows[1]]  # the default
+        write_section("ptq-time", markdown_table(
+            ["configuration", *(TITLES[name] for name in columns)], rows), command_line())
 
 
 if __name__ == "__main__":

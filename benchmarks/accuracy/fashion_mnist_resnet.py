@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from fashion_resnet import images_to_inputs, trained_model  # noqa: E402
+from results_doc import add_update_flag  # noqa: E402
 from harness import DEFAULT, logits_of, run, standard_rows, write_outputs  # noqa: E402
 
 from hfp8.ptq.evaluation import fidelity  # noqa: E402
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=512, help="calibration images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-peers", action="store_true", help="skip Brevitas and ModelOpt")
+    add_update_flag(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = trained_model()
@@ -69,7 +71,7 @@ def main() -> None:
           f"{'met' if best >= fp32 - 0.002 else 'missed'}; at least INT8 per-tensor "
           f"({100 * (best - int8):+.2f} points) -> {'met' if best >= int8 else 'missed'}")
     write_outputs(results, "fashion_mnist_resnet", "Fashion-MNIST BN ResNet: top-1 (10,000 "
-                  "test images)", "top1", os.path.join(HERE, "results"))
+                  "test images)", "top1", os.path.join(HERE, "results"), args.update_docs)
 
 
 if __name__ == "__main__":

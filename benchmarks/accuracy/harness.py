@@ -26,6 +26,7 @@ import hfp8
 from hfp8.ptq.evaluation import collect_logits
 from int8_baseline import int8_quantize_model
 from plotting import pyplot_or_none
+from results_doc import render_accuracy, write_section
 
 C = hfp8.QuantConfig
 
@@ -142,11 +143,15 @@ def run(rows: list[Row], model: nn.Module, calibration: list[torch.Tensor],
     return results
 
 
-def write_outputs(results: list[dict], stem: str, title: str, metric: str, folder: str) -> None:
-    """``stem``.json and a ``stem``.png bar chart of ``metric`` (matplotlib, if installed)."""
+def write_outputs(results: list[dict], stem: str, title: str, metric: str, folder: str,
+                  update_docs: bool = False) -> None:
+    """``stem``.json and a ``stem``.png bar chart of ``metric`` (matplotlib, if installed);
+    with ``update_docs``, the table in docs/results.md rendered from that JSON."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{stem}.json"), "w") as stream:
         json.dump({"title": title, "rows": results}, stream, indent=2)
+    if update_docs:
+        write_section(f"accuracy-{stem}", render_accuracy(stem))
     plt = pyplot_or_none()
     if plt is None:
         print("matplotlib is not installed: no chart (pip install -r benchmarks/requirements.txt)")

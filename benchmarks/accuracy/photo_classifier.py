@@ -17,6 +17,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
+from results_doc import add_update_flag  # noqa: E402
 from harness import DEFAULT, C, logits_of, ours, run, standard_rows, write_outputs  # noqa: E402
 from photos import photo_crops  # noqa: E402
 
@@ -44,6 +45,7 @@ def main(name: str, title: str, model: torch.nn.Module, size: int, extra=()) -> 
     parser.add_argument("--evaluation", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-peers", action="store_true", help="skip Brevitas and ModelOpt")
+    add_update_flag(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -85,4 +87,4 @@ def main(name: str, title: str, model: torch.nn.Module, size: int, extra=()) -> 
     print(f"goal: PTQ time at most 4x one float pass over the calibration set: {ratio:.2f}x -> "
           f"{'met' if ratio <= 4 else 'missed'}")
     write_outputs(results, name, f"{title}: top-1 agreement with FP32 ({args.evaluation} crops)",
-                  "agreement", os.path.join(HERE, "results"))
+                  "agreement", os.path.join(HERE, "results"), args.update_docs)

@@ -91,10 +91,12 @@ def _worker(rank, world, init, out, variant, epochs):
 
 def main() -> None:
     from plotting import plot_loss_curves
+    from results_doc import add_update_flag, render_ddp, write_section
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
+    add_update_flag(parser)
     args = parser.parse_args()
     results = {}
     for variant in VARIANTS:
@@ -114,6 +116,8 @@ def main() -> None:
     series = {f"{variant}: top-1 {r['top1']:.4f}": r["curve"] for variant, r in results.items()}
     plot_loss_curves(series, folder / f"ddp_{args.world}.png",
                      f"HFP8 data-parallel training, {args.world} processes", xlabel="step (rank 0)")
+    if args.update_docs:  # both process counts' stored JSON, this run's included
+        write_section("ddp", render_ddp())
 
 
 if __name__ == "__main__":

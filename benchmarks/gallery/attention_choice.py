@@ -1,6 +1,6 @@
 """Should attention products be quantized by default? Measured on all-MiniLM-L6-v2.
 
-    HF_HUB_OFFLINE=1 python benchmarks/gallery/attention_choice.py
+    HF_HUB_OFFLINE=1 python benchmarks/gallery/attention_choice.py [--update-docs]
 
 Same calibration and evaluation sentences (standard-library docstrings) for every row: mean
 cosine of the mean-pooled sentence embeddings to the float model, the last hidden state's SQNR,
@@ -10,6 +10,7 @@ max calibration) on the same Linear layers.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,9 +25,13 @@ from hfp8.ptq.evaluation import compare_outputs  # noqa: E402
 
 import gallery  # noqa: E402
 import real_models  # noqa: E402
+from results_doc import add_update_flag, command_line, markdown_table, write_section  # noqa: E402
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_update_flag(parser)
+    args = parser.parse_args()
     model, tokenizer = real_models.load_minilm()
     calibration, evaluation = gallery._sentences(tokenizer)
     rows = []
@@ -46,10 +51,12 @@ def main() -> None:
     rows.append(("INT8 per-tensor (max), attention float", gallery._embedding_cosine(model, int8, evaluation),
                  compare_outputs(model, int8, evaluation)["outputs"]["last_hidden_state"]["sqnr_db"],
                  seconds))
-    print("| configuration | embedding cosine | last hidden state SQNR dB | PTQ s |")
-    print("|---|---|---|---|")
-    for label, cosine, sqnr, seconds in rows:
-        print(f"| {label} | {cosine:.4f} | {sqnr:.2f} | {seconds:.1f} |")
+    table = markdown_table(["configuration", "embedding cosine", "last hidden state SQNR dB", "PTQ s"],
+                           [[label, f"{cosine:.4f}", f"{sqnr:.2f}", f"{seconds:.1f}"]
+                            for label, cosine, sqnr, seconds in rows])
+    print(table)
+    if args.update_docs:
+        write_section("attention-choice", table, command_line())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     pip install -r benchmarks/gallery/requirements.txt   (see that file for the --no-deps lines)
     HF_HUB_OFFLINE=1 python benchmarks/gallery/gallery.py [--models mobilenet_v2 mtcnn_onet ...]
+        [--update-docs]
 
 For each model, with the default configuration (E4M3, first/last layers float by position in
 the graph, attention products quantized, BN re-estimation "shift"):
@@ -48,6 +49,7 @@ from hfp8.export.verify import passed  # noqa: E402
 import real_models  # noqa: E402
 import texts  # noqa: E402
 from photos import photo_crops  # noqa: E402
+from results_doc import add_update_flag, fidelity, gallery_table, write_section  # noqa: E402
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -195,35 +197,6 @@ def measure(name, loader, verify_batches: int) -> dict:
     return row
 
 
-def _fidelity(row) -> str:
-    if row["task"] == "classifier":
-        return f"agreement {row['top1_agreement']:.3f}, KL {row['kl']:.3f}, SQNR {row['min_sqnr_db']:.1f} dB"
-    if row["task"] == "faces":
-        return f"decisions {row['decision_agreement']:.3f}, min SQNR {row['min_sqnr_db']:.1f} dB"
-    if row["task"] == "embeddings":
-        return f"embedding cosine {row['embedding_cosine']:.4f}, min SQNR {row['min_sqnr_db']:.1f} dB"
-    return f"min output SQNR {row['min_sqnr_db']:.1f} dB"
-
-
-def table(rows) -> str:
-    lines = ["| model | Conv/Linear quantized | weights quantized | attention products | "
-             "fidelity to float | ONNX pairs bit-exact | layers within bound | whole model: "
-             "ORT / PyTorch f32 vs f64 (dB) | ORT vs PyTorch (dB) | PTQ time / float pass |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        v = row["verification"]
-        sqnr = v["sqnr"]
-        lines.append(
-            f"| {row['model']} | {row['quantized']}/{row['layers']} | "
-            f"{100 * row['weights_quantized']:.1f}% | {row['attention_sites'] or '-'} | "
-            f"{_fidelity(row)} | {v['pairs_bit_exact']}/{v['pairs']} | "
-            f"{v['layers_within_bound']}/{v['layers_replayed']} | "
-            f"{sqnr['onnx_vs_float64']:.1f} / {sqnr['torch_vs_float64']:.1f} "
-            f"({'pass' if v['whole_model']['passed'] else 'FAIL'}) | {sqnr['onnx_vs_torch']:.1f} | "
-            f"{row['ptq_time_ratio']:.2f}x |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     names = ["mobilenet_v2", "efficientnet_lite2", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet",
              "retinaface", "minilm_l6"]
@@ -231,17 +204,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=names, default=names)
     parser.add_argument("--verify-batches", type=int, default=2)
     parser.add_argument("--output", default=str(HERE / "results.json"))
+    add_update_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rows = []
     for name, loader in _entries(args.models).items():
         start = time.perf_counter()
         rows.append(measure(name, loader, args.verify_batches))
-        print(f"{name}: {_fidelity(rows[-1])}, verification "
+        print(f"{name}: {fidelity(rows[-1])}, verification "
               f"{'OK' if rows[-1]['verification']['passed'] else 'FAILED'} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
     Path(args.output).write_text(json.dumps(strict_json(rows), indent=1, allow_nan=False) + "\n")
-    print(table(rows))
+    print(gallery_table(rows))
+    if args.update_docs:
+        write_section("gallery", gallery_table(rows))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "accuracy"), str(
 import hfp8  # noqa: E402
 from hfp8.training import TrainingConfig, finish_training, prepare_training  # noqa: E402
 from plotting import plot_loss_curves  # noqa: E402
+from results_doc import add_update_flag, render_compare, write_section  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 VARIANTS = {
@@ -94,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="all", choices=[*TASKS, "all"])
     parser.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    add_update_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     folder = HERE / "results"
@@ -119,6 +121,8 @@ def main() -> None:
         else:
             print(f"goal: HFP8 within 0.5 points of FP32 accuracy: {100 * delta:+.2f} points -> "
                   f"{'met' if delta >= -0.005 else 'missed'}")
+    if args.update_docs:  # the table holds every task: those not run here keep their stored JSON
+        write_section("training-compare", render_compare())
 
 
 if __name__ == "__main__":
