@@ -29,7 +29,7 @@ _PUBLIC = {
     "E5M2": "hfp8.numerics.formats",
     "FloatFormat": "hfp8.numerics.formats",
     "format_manifest": "hfp8.ptq.manifest",
-    "manifest": "hfp8.ptq.manifest",
+    "manifest": "hfp8.ptq.report",
     "QuantizedFileError": "hfp8.ptq.saving",
     "load_quantized": "hfp8.ptq.saving",
     "read_manifest": "hfp8.ptq.saving",
@@ -64,9 +64,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from hfp8.numerics.formats import E4M3, E5M2, FloatFormat  # noqa: F401
     from hfp8.ptq.config import QuantConfig  # noqa: F401
     from hfp8.ptq.evaluation import compare_outputs  # noqa: F401
-    from hfp8.ptq.manifest import format_manifest, manifest  # noqa: F401
+    from hfp8.ptq.manifest import format_manifest  # noqa: F401
     from hfp8.ptq.pipeline import quantize_model  # noqa: F401
-    from hfp8.ptq.report import QuantReport, recalibrate_batchnorm  # noqa: F401
+    from hfp8.ptq.report import QuantReport, manifest, recalibrate_batchnorm  # noqa: F401
     from hfp8.ptq.saving import (  # noqa: F401
         QuantizedFileError,
         load_quantized,

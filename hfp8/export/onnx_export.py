@@ -206,7 +206,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
     model always gives the same bytes. Returns the ONNX model.
     """
     from hfp8._version import __version__
-    from hfp8.ptq.manifest import manifest
+    from hfp8.ptq.report import manifest
 
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not DEFAULT_OPSET <= opset <= MAX_OPSET:

@@ -1,4 +1,5 @@
-"""The manifest of a quantized model: per layer what was done, plus how; and its text table."""
+"""The manifest of a quantized model: per layer what was done, plus how; and its text table.
+(:func:`hfp8.manifest`, in report.py, builds it from a model's report.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hfp8.ptq.quantizers import (
     quantized_layers,
 )
 
-__all__ = ["manifest", "build_manifest", "format_manifest", "MANIFEST_VERSION"]
+__all__ = ["build_manifest", "format_manifest", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 2
 
@@ -59,30 +60,6 @@ def _site_entries(qmodel: nn.Module, report: dict) -> list[dict]:
         entries.append({"name": name, "kind": "sdpa" if ".sdpa" in name or name.startswith("sdpa")
                         else "matmul", "status": "float", "reason": reason})
     return entries
-
-
-def manifest(qmodel: nn.Module) -> dict:
-    """JSON-ready description of a model returned by :func:`hfp8.quantize_model`.
-
-    Keys: ``hfp8_ptq_version``, ``manifest_version``, ``config``, ``calibration_samples``,
-    ``batchnorm`` (re-estimation report or None), ``graph`` (first and last layers found by
-    position in the data flow, layers the probe batch did not run), ``metadata`` (free-form JSON
-    the caller put in ``qmodel.hfp8_report.metadata``; the CLI records architecture,
-    preprocessing and input shape there), ``layers``: one entry per Conv/Linear layer in
-    registration order with ``name``, ``type`` (the model's own class), ``status``
-    ("quantized" or "float"), ``reason`` (why float), ``weight_format``/
-    ``weight_exponent_bias`` (an int, or a list per output channel), ``weight`` (flushed
-    fraction and SQNR of the rounding), ``input_format``/``input_exponent_bias`` and
-    ``observer`` (saturated and flushed fractions, SQNR, max |x| of the calibration inputs); and
-    ``attention``: one entry per attention site (``kind`` matmul or sdpa, ``format``, and per
-    operand its ``exponent_bias`` and ``observer``); ``sensitivity``: per layer considered by
-    the float budget, ``nsr`` and ``sqnr_db`` (predicted output noise-to-signal ratio and SQNR
-    with only this layer quantized), ``cost`` (weights or MACs) and ``float`` (kept float);
-    ``training``: None, or what HFP8 training did (steps, skipped steps, formats, losses).
-    """
-    from hfp8.ptq.report import report_of  # (report.py imports this module)
-
-    return build_manifest(qmodel, report_of(qmodel))
 
 
 def build_manifest(qmodel: nn.Module, report) -> dict:

@@ -20,8 +20,9 @@ from torch import nn
 
 from hfp8._report import REPORT_ATTRIBUTE
 from hfp8.calibration.batchnorm import reestimate_batchnorm
+from hfp8.ptq.manifest import build_manifest
 
-__all__ = ["QuantReport", "report_of", "recalibrate_batchnorm", "REPORT_ATTRIBUTE"]
+__all__ = ["QuantReport", "report_of", "manifest", "recalibrate_batchnorm", "REPORT_ATTRIBUTE"]
 
 
 @dataclass
@@ -58,8 +59,6 @@ class QuantReport:
     def to_manifest(self, qmodel: nn.Module) -> dict:
         """The manifest of ``qmodel`` (this report plus its layers' formats and biases); see
         :func:`hfp8.manifest`."""
-        from hfp8.ptq.manifest import build_manifest
-
         return build_manifest(qmodel, self)
 
     @classmethod
@@ -109,6 +108,28 @@ def report_of(qmodel: nn.Module) -> QuantReport:
     if not isinstance(report, QuantReport):
         raise ValueError("this model was not produced by hfp8.quantize_model (no hfp8 report)")
     return report
+
+
+def manifest(qmodel: nn.Module) -> dict:
+    """JSON-ready description of a model returned by :func:`hfp8.quantize_model`.
+
+    Keys: ``hfp8_ptq_version``, ``manifest_version``, ``config``, ``calibration_samples``,
+    ``batchnorm`` (re-estimation report or None), ``graph`` (first and last layers found by
+    position in the data flow, layers the probe batch did not run), ``metadata`` (free-form JSON
+    the caller put in ``qmodel.hfp8_report.metadata``; the CLI records architecture,
+    preprocessing and input shape there), ``layers``: one entry per Conv/Linear layer in
+    registration order with ``name``, ``type`` (the model's own class), ``status``
+    ("quantized" or "float"), ``reason`` (why float), ``weight_format``/
+    ``weight_exponent_bias`` (an int, or a list per output channel), ``weight`` (flushed
+    fraction and SQNR of the rounding), ``input_format``/``input_exponent_bias`` and
+    ``observer`` (saturated and flushed fractions, SQNR, max |x| of the calibration inputs); and
+    ``attention``: one entry per attention site (``kind`` matmul or sdpa, ``format``, and per
+    operand its ``exponent_bias`` and ``observer``); ``sensitivity``: per layer considered by
+    the float budget, ``nsr`` and ``sqnr_db`` (predicted output noise-to-signal ratio and SQNR
+    with only this layer quantized), ``cost`` (weights or MACs) and ``float`` (kept float);
+    ``training``: None, or what HFP8 training did (steps, skipped steps, formats, losses).
+    """
+    return report_of(qmodel).to_manifest(qmodel)
 
 
 def recalibrate_batchnorm(model: nn.Module, calibration, num_batches: int | None = None, *,

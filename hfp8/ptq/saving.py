@@ -23,9 +23,8 @@ from hfp8._files import atomic_write
 from hfp8._report import MANIFEST_KEY, REPORT_ATTRIBUTE
 from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq.config import QuantConfig, format_from_dict
-from hfp8.ptq.manifest import manifest
 from hfp8.ptq.quantizers import OperandSite, attach_layer, attach_sites, is_quantizable
-from hfp8.ptq.report import QuantReport
+from hfp8.ptq.report import QuantReport, manifest
 
 __all__ = ["save_quantized", "load_quantized", "read_manifest", "QuantizedFileError",
            "MANIFEST_VERSIONS"]
