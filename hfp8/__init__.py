@@ -21,7 +21,7 @@ _PUBLIC = {
     "decode": "hfp8.numerics.codes",
     "encode": "hfp8.numerics.codes",
     "QuantConfig": "hfp8.ptq.config",
-    "ExportError": "hfp8.export.onnx_export",
+    "ExportError": "hfp8.export",
     "export_onnx": "hfp8.export.onnx_export",
     "fake_quantize": "hfp8.numerics.fake_quant",
     "fake_quantize_per_channel": "hfp8.numerics.fake_quant",
@@ -56,7 +56,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from hfp8.calibration.observers import HistogramObserver  # noqa: F401
-    from hfp8.export.onnx_export import ExportError, export_onnx  # noqa: F401
+    from hfp8.export import ExportError  # noqa: F401
+    from hfp8.export.onnx_export import export_onnx  # noqa: F401
     from hfp8.export.verify import verify_onnx  # noqa: F401
     from hfp8.numerics.bias_selection import select_exponent_bias  # noqa: F401
     from hfp8.numerics.codes import decode, encode  # noqa: F401

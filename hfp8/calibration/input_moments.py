@@ -121,3 +121,11 @@ class InputMoments:
     def hessian(self) -> torch.Tensor | None:
         """``(groups, d, d)`` float64, or None if nothing was observed."""
         return None if self.sum is None or self.count == 0 else self.sum / self.count
+
+    def take_hessian(self) -> torch.Tensor | None:
+        """:meth:`hessian` without a copy: the accumulated sum is divided in place and handed
+        over (this accumulator is empty afterwards)."""
+        if self.sum is None or self.count == 0:
+            return None
+        hessian, self.sum, self.count = self.sum.div_(self.count), None, 0
+        return hessian

@@ -69,12 +69,24 @@ ARCH_HELP = ("callable that builds the float model: package.module:factory (look
              "file names; a file's own record is never run unasked. It also builds --reference")
 
 
-def _model_arguments(parser, reference: str | None = None) -> None:
+DEVICE_HELP = ("where PyTorch runs the model (calibration, BatchNorm, sensitivity, weight "
+               "rounding, training, evaluation): auto = cuda when torch sees a GPU, else cpu; "
+               "files written are the same either way (tensors saved from the CPU)")
+
+
+def device_argument(parser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help=DEVICE_HELP)
+
+
+def _model_arguments(parser, reference: str | None = None, device: bool = True) -> None:
     parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow loading a whole pickled nn.Module (runs code from the file)")
     if reference:
         parser.add_argument("--reference", metavar="FLOAT_MODEL", help=reference)
+    if device:
+        device_argument(parser)
 
 
 def _sample_arguments(parser, title: str, recorded: bool = False, verify: bool = False) -> None:
@@ -188,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
     e.add_argument("--verify-data", metavar="DIR", help="samples for verification (default: "
                    "seeded random inputs of the recorded input shape)")
-    _model_arguments(e)
+    _model_arguments(e, device=False)
     _sample_arguments(e, "samples for --verify-data", recorded=True, verify=True)
 
     v = command("evaluate", "top-1 on a labelled folder, or fidelity to the float model")
@@ -252,6 +264,15 @@ def _process_group(args):
 
 
 def _run(args) -> int:
+    from hfp8.cli.usage import UsageError, check_paths
+
+    try:  # before torch loads: a wrong path costs a fraction of a second
+        check_paths(args)
+    except UsageError as error:
+        if args.debug:
+            raise
+        print(f"hfp8-ptq {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     from hfp8 import distributed
     from hfp8.cli import commands
     from hfp8.cli.finetune import finetune

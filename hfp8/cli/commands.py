@@ -21,7 +21,6 @@ from hfp8.cli.recalibrate import bn_recalibration
 from hfp8.data.model_files import ModelFileError, file_kind, load_model
 from hfp8.data.model_io import BatchError, map_tensors
 from hfp8.data.samples import SampleError, SampleFolder
-from hfp8.export.verify import passed
 from hfp8.ptq.evaluation import collect_logits, compare_outputs, top1_accuracy
 from hfp8.ptq.plot import PlotError  # light: matplotlib is imported on use
 from hfp8.ptq.report import report_of
@@ -47,6 +46,8 @@ def _export_and_verify(qmodel, onnx_path, example, batches, reference, args, rep
     hfp8.export_onnx(qmodel, onnx_path, example, opset=getattr(args, "opset", None))
     if args.no_verify:
         return
+    from hfp8.export.verify import passed
+
     _phase(args, "verifying the ONNX file in onnxruntime (Q/DQ pairs, layers, whole model)")
     verification = hfp8.verify_onnx(qmodel, onnx_path, batches, reference=reference,
                                      quiet=args.quiet)
@@ -95,7 +96,8 @@ def quantize(args) -> tuple[dict, str, int]:
             raise inputs.UsageError("--onnx and -o name the same file")
     if args.arch == inputs.RECORDED:
         raise inputs.UsageError("--arch recorded: a float model file records no architecture")
-    model = load_model(args.model, args.arch, args.trust_pickle)
+    device = inputs.torch_device(args.device)
+    model = load_model(args.model, args.arch, args.trust_pickle).to(device)
     samples = SampleFolder(args.calib, inputs.sample_config(args))
     upscaled = inputs.upscaled_images(samples)
     first = inputs.first_batch(samples)
@@ -121,6 +123,7 @@ def quantize(args) -> tuple[dict, str, int]:
         "input": inputs.input_spec(first), "calibration_folder": str(args.calib),
         "upscaled_images": upscaled}
     report = {"output": args.output, "skipped_files": len(samples.skipped)}
+    model, qmodel = model.cpu(), qmodel.cpu()  # export, verification and the file: on the CPU
 
     def write(temporaries: list[str]) -> None:
         if args.onnx:
@@ -210,7 +213,10 @@ def _check_class_scores(logits, class_names) -> None:
 
 
 def evaluate(args) -> tuple[dict, str, int]:
+    device = inputs.torch_device(args.device)
     model, preprocessing, arch = inputs.runner(args.model, args.arch, args.trust_pickle)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device)
     labelled = not args.reference
     try:
         samples = SampleFolder(args.data, inputs.sample_config(args, preprocessing, labels=labelled))
@@ -234,6 +240,8 @@ def evaluate(args) -> tuple[dict, str, int]:
         return report, text, 0
     reference_arch = inputs.reference_architecture(args.arch, arch, args.model)
     reference, _, _ = inputs.runner(args.reference, reference_arch, args.trust_pickle)
+    if isinstance(reference, torch.nn.Module):
+        reference = reference.to(device)
     result = compare_outputs(reference, model, samples, **progress)
     report = dict(result)
     if len(result["outputs"]) == 1:  # one output: its metrics at the top level too

@@ -23,9 +23,11 @@ def finetune(args) -> tuple[dict, str, int]:
     for name in ("steps", "epochs", "patience"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise inputs.UsageError(f"--{name} must be at least 1")
+    device = inputs.torch_device(args.device)
     qmodel, arch = inputs.load_qmodel(args.qmodel, args.arch)
+    qmodel = qmodel.to(device)
     metadata = report_of(qmodel).metadata or {}
-    teacher = load_model(args.reference, arch, args.trust_pickle)
+    teacher = load_model(args.reference, arch, args.trust_pickle).to(device)
     preprocessing = metadata.get("preprocessing")
     folder, labelled = (args.data, True) if args.data else (args.calib, False)
     samples = SampleFolder(folder, inputs.sample_config(args, preprocessing, labels=labelled))
@@ -41,6 +43,7 @@ def finetune(args) -> tuple[dict, str, int]:
                          config=config, quiet=args.quiet, validation=validation,
                          augment=args.augment, schedule=args.lr_schedule,
                          patience=args.patience)
+    tuned = tuned.cpu()  # the file holds CPU tensors whatever ran the training
     report_of(tuned).metadata = {**metadata, "architecture": arch}
     report = {"output": args.output}
 

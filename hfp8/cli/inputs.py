@@ -16,6 +16,7 @@ import torch
 
 import hfp8
 from hfp8._report import MANIFEST_KEY
+from hfp8.cli.usage import UsageError
 from hfp8.data.model_files import build_architecture, file_kind, load_model
 from hfp8.data.model_io import (
     batch_size,
@@ -30,10 +31,6 @@ from hfp8.ptq.report import report_of
 from hfp8.ptq.saving import check_manifest
 
 RECORDED = "recorded"  # --arch recorded: build the architecture the file names
-
-
-class UsageError(ValueError):
-    """A mistake in the command line itself, or an input it cannot use."""
 
 
 def one_line(error: BaseException) -> str:
@@ -196,6 +193,17 @@ def _architecture(path: str, arch: str | None, recorded: str | None) -> str:
         raise UsageError(f"{path} records architecture {recorded!r}; building it imports and "
                          f"runs that code, so name it: --arch {recorded} (or --arch {RECORDED})")
     raise UsageError(f"{path} does not record its architecture; pass --arch MODULE:FACTORY")
+
+
+def torch_device(choice: str) -> torch.device:
+    """``--device``: auto is cuda when torch sees a GPU, else cpu; cuda without one is an
+    input error (not a crash at the first tensor moved)."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() "
+                         "is False); use --device cpu or auto")
+    return torch.device(choice)
 
 
 def load_qmodel(path: str, arch: str | None):

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from hfp8._files import OutputExistsError, atomic_write_all
-from hfp8.cli.inputs import UsageError
+from hfp8.cli.usage import UsageError
 
 
 class VerificationFailed(RuntimeError):

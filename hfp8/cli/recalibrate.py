@@ -105,11 +105,13 @@ def recalibrate_bn(args) -> tuple[dict, str, int]:
     if not args.reference:
         raise inputs.UsageError("recalibrate-bn needs --reference FLOAT_MODEL: the shift is "
                                 "measured against it, and the result is checked against it")
+    device = inputs.torch_device(args.device)
     qmodel, arch = inputs.load_qmodel(args.qmodel, args.arch)
+    qmodel = qmodel.to(device)
     metadata = report_of(qmodel).metadata or {}
     samples = SampleFolder(args.calib, inputs.sample_config(args, metadata.get("preprocessing")))
     inputs.dry_run(qmodel, inputs.first_batch(samples), args.calib, samples.config)
-    reference = load_model(args.reference, arch, args.trust_pickle).eval()
+    reference = load_model(args.reference, arch, args.trust_pickle).eval().to(device)
     split = HeldOutSplit(samples)
     if split.total < 2 and not args.force:
         raise inputs.UsageError(f"{args.calib} gives {split.total} batch; recalibrate-bn holds "

@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from hfp8._files import atomic_write
 from hfp8.data.model_io import BatchError, map_tensors, split_batch
-from hfp8.export import onnx_fp8_form, onnx_graph
+from hfp8.export import ExportError, onnx_fp8_form, onnx_graph
 from hfp8.export.onnx_ops import (
     UnsupportedFormatError,
     exportable_base,
@@ -50,10 +50,6 @@ __all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET", "MAX_OPSET", "MANIFEST
 DEFAULT_OPSET = 19  # the first opset with FLOAT8 QuantizeLinear/DequantizeLinear
 MAX_OPSET = 21
 from hfp8._report import MANIFEST_KEY  # noqa: E402  (re-exported)
-
-
-class ExportError(ValueError):
-    """The model (or format) cannot be expressed exactly as an ONNX graph; says why."""
 
 
 class DequantizedWeight(nn.Module):

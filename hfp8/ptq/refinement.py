@@ -19,7 +19,7 @@ from hfp8.ptq.sensitivity import (
     layer_sensitivity,
     predicted_sqnr_db,
 )
-from hfp8.ptq.weight_rounding import compensated_rounding_many
+from hfp8.ptq.weight_rounding import rounded_runs
 
 __all__ = ["compensate_weights", "keep_sensitive_layers_float", "SENSITIVITY_SAMPLES"]
 
@@ -31,24 +31,26 @@ SENSITIVITY_SAMPLES = 16
 def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> list[str]:
     """Re-round each layer with input moments from its float weight (same grid, same bias),
     all layers of one weight format in one batched call; returns the names of the layers
-    rounded this way."""
+    rounded this way. ``moments`` is consumed (emptied): each layer's second moments are
+    released once its weight is rounded."""
     by_format: dict = {}
-    for name, accumulated in moments.items():
-        hessian = accumulated.hessian()
+    for name in list(moments):
         layer = qmodel.get_submodule(name)
         fmt = layer_state(layer).weight_format
-        if hessian is None or fmt is None:
-            continue  # never ran on the analysis batches, or weights stay float
-        float_weight = model.get_submodule(name).weight.detach()
-        by_format.setdefault(fmt, []).append(
-            (name, (float_weight, hessian, layer.weight_exponent_bias)))
+        hessian = moments.pop(name).take_hessian()
+        if hessian is not None and fmt is not None:  # else: never ran, or weights stay float
+            float_weight = model.get_submodule(name).weight.detach()
+            by_format.setdefault(fmt, []).append(
+                (name, (float_weight, hessian, layer.weight_exponent_bias)))
+        del hessian
     done = []
-    for fmt, entries in by_format.items():
-        rounded = compensated_rounding_many([problem for _, problem in entries], fmt)
-        for (name, _), weight in zip(entries, rounded):
+    for fmt in list(by_format):
+        names, problems = zip(*by_format.pop(fmt))
+        problems = list(problems)  # the only reference: rounded_runs releases each H in turn
+        for index, weight in rounded_runs(problems, fmt):
             with torch.no_grad():
-                qmodel.get_submodule(name).weight.copy_(weight)
-            done.append(name)
+                qmodel.get_submodule(names[index]).weight.copy_(weight)
+            done.append(names[index])
     return done
 
 

@@ -24,10 +24,12 @@ import torch
 from hfp8.numerics.fake_quant import nearest_rounder
 from hfp8.numerics.formats import FloatFormat
 
-__all__ = ["compensated_rounding", "compensated_rounding_many", "DAMPING", "BLOCK"]
+__all__ = ["compensated_rounding", "compensated_rounding_many", "rounded_runs", "DAMPING",
+           "BLOCK", "WORK_BYTES"]
 
 DAMPING = 0.01
 BLOCK = 128
+WORK_BYTES = 256 << 20  # float64 work space of one run of side-by-side weights
 
 
 def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -50,11 +52,11 @@ def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def _round_columns(work: torch.Tensor, factor: torch.Tensor, round_values) -> torch.Tensor:
-    """The GPTQ loop on ``work`` (``(groups, rows, d)``, float64, consumed) under ``factor``
+    """The GPTQ loop on ``work`` (``(groups, rows, d)``, float64) under ``factor``
     (``(groups, d, d)``): column by column, each rounding error moved onto the columns not yet
-    rounded; lazily, ``BLOCK`` columns at a time."""
+    rounded; lazily, ``BLOCK`` columns at a time. The rounded weights replace ``work`` in place
+    (a column is written once its block no longer reads it) and ``work`` is returned."""
     inputs = work.shape[-1]
-    result = torch.empty_like(work)
     for start in range(0, inputs, BLOCK):
         stop = min(start + BLOCK, inputs)
         block = work[..., start:stop].clone()
@@ -64,13 +66,17 @@ def _round_columns(work: torch.Tensor, factor: torch.Tensor, round_values) -> to
         for j in range(stop - start):
             column = block[..., j]
             rounded = round_values(column)
-            result[..., start + j] = rounded
+            work[..., start + j] = rounded
             error = errors[..., j]
             torch.sub(column, rounded, out=error)
             error.div_(diagonal[:, j:j + 1])
-            block[..., j:].sub_(error.unsqueeze(-1) * block_factor[:, j:j + 1, j:])
-        work[..., stop:] -= errors @ factor[:, start:stop, stop:]
-    return result
+            # the rest of the block minus the error's share: one rank-1 update per group, in
+            # place (column j itself is done)
+            block[..., j + 1:].baddbmm_(error.unsqueeze(-1), block_factor[:, j:j + 1, j + 1:],
+                                        alpha=-1)
+        if stop < inputs:  # the lazy update of the columns after the block, in place
+            work[..., stop:].baddbmm_(errors, factor[:, start:stop, stop:], alpha=-1)
+    return work
 
 
 def _row_biases(exponent_bias, groups: int, rows: int) -> torch.Tensor:
@@ -79,45 +85,73 @@ def _row_biases(exponent_bias, groups: int, rows: int) -> torch.Tensor:
     return bias.expand(groups, rows) if bias.dim() == 0 else bias.reshape(groups, rows)
 
 
-@torch.no_grad()
-def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat) -> list[torch.Tensor]:
+def _chunks(shapes: list[tuple[int, int, int]], inputs: int, limit: int):
+    """``shapes`` (index, groups, rows) cut into runs whose float64 work (weights, rounded in
+    place) and inverse factors stay under ``limit`` bytes together (at least one weight per
+    run)."""
+    run, used = [], 0
+    for shape in shapes:
+        _, groups, rows = shape
+        size = 8 * groups * inputs * (rows + inputs)
+        if run and used + size > limit:
+            yield run
+            run, used = [], 0
+        run.append(shape)
+        used += size
+    if run:
+        yield run
+
+
+def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat,
+                              work_bytes: int = WORK_BYTES) -> list[torch.Tensor]:
     """:func:`compensated_rounding` of several weights at once: ``problems`` is a list of
-    ``(weight, hessian, exponent_bias)``. Weights whose rows have the same width ``d`` are
-    rounded side by side, in one column loop for all (each group still with its own ``H``; rows
-    are padded with zeros, which round to zero and move no error): the loop's cost is per
-    column, and a network has many layers of few distinct widths. The results equal those of one
-    call per weight up to float64 summation order in the block updates."""
+    ``(weight, hessian, exponent_bias)``; see :func:`rounded_runs`."""
     results: list[torch.Tensor | None] = [None] * len(problems)
-    by_width: dict[int, list[tuple[int, int, int]]] = {}  # d -> (index, groups, rows)
+    for index, rounded in rounded_runs(list(problems), fmt, work_bytes):
+        results[index] = rounded
+    return results
+
+
+@torch.no_grad()
+def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int = WORK_BYTES):
+    """Yields ``(index, rounded weight)`` for every ``(weight, hessian, exponent_bias)`` of
+    ``problems``, run by run. Weights of the same shape per group (``rows`` x ``d``) are rounded
+    side by side, in one column loop for all (each group still with its own ``H``): the loop's
+    cost is per column, and a network has many layers of few distinct shapes. A run holds at
+    most ``work_bytes`` of float64 work space (weights and inverse factors; one weight alone may
+    exceed it), and ``problems`` is consumed: each entry is set to None as its run starts, so the
+    caller, writing each result back as it comes, holds one run's work space and no more. The
+    results equal those of one call per weight (the groups of a run never mix)."""
+    by_shape: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (d, rows) -> shapes
     for index, (weight, hessian, _) in enumerate(problems):
         groups, inputs = hessian.shape[0], hessian.shape[1]
         rows = weight.shape[0] // groups
         if weight.numel() != groups * rows * inputs:
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not match moments of "
                              f"shape {tuple(hessian.shape)}")
-        by_width.setdefault(inputs, []).append((index, groups, rows))
-    for inputs, shapes in by_width.items():
-        padded_rows = max(rows for _, _, rows in shapes)
-        works, factors, biases = [], [], []
-        for i, groups, rows in shapes:
-            weight, hessian, exponent_bias = problems[i]
-            # a copy: dead columns are zeroed in it (a float64 weight would otherwise be
-            # the caller's own tensor)
-            work = weight.detach().double().reshape(groups, rows, inputs).cpu().clone()
-            factors.append(_inverse_factor(hessian.double().cpu(), work))
-            row_bias = _row_biases(exponent_bias, groups, rows)
-            pad = padded_rows - rows
-            works.append(torch.cat([work, work.new_zeros(groups, pad, inputs)], dim=1))
-            biases.append(torch.cat([row_bias, row_bias[:, :1].expand(groups, pad)], dim=1))
-        rounded = _round_columns(torch.cat(works), torch.cat(factors),
-                                 nearest_rounder(fmt, torch.cat(biases)))
-        offset = 0
-        for i, groups, rows in shapes:
-            weight = problems[i][0]
-            mine = rounded[offset:offset + groups, :rows]
-            results[i] = mine.reshape(weight.shape).to(weight.device, weight.dtype)
-            offset += groups
-    return results
+        by_shape.setdefault((inputs, rows), []).append((index, groups, rows))
+    for (inputs, rows), shapes in by_shape.items():
+        for run in _chunks(shapes, inputs, work_bytes):
+            total = sum(groups for _, groups, _ in run)
+            # the run's weights side by side, written in place (no concatenated copies)
+            work = torch.empty(total, rows, inputs, dtype=torch.float64)
+            factor = torch.empty(total, inputs, inputs, dtype=torch.float64)
+            biases = torch.empty(total, rows, dtype=torch.int64)
+            targets, offset = [], 0
+            for i, groups, _ in run:
+                weight, hessian, exponent_bias = problems[i]
+                problems[i] = None  # the second moments can go once their factor is made
+                mine = slice(offset, offset + groups)
+                work[mine] = weight.detach().reshape(groups, rows, inputs)
+                factor[mine] = _inverse_factor(hessian.double().cpu(), work[mine])
+                del hessian
+                biases[mine] = _row_biases(exponent_bias, groups, rows)
+                targets.append((i, mine, weight.shape, weight.device, weight.dtype))
+                offset += groups
+            rounded = _round_columns(work, factor, nearest_rounder(fmt, biases))
+            del factor
+            for i, mine, shape, device, dtype in targets:
+                yield i, rounded[mine].reshape(shape).to(device, dtype)
 
 
 def compensated_rounding(weight: torch.Tensor, hessian: torch.Tensor, fmt: FloatFormat,
