@@ -37,9 +37,13 @@ def check_paths(args) -> None:
             raise UsageError(f"sample path {path} is a file, not a folder")
     if args.command == "example":
         return  # its output is a folder, checked by the command
-    outputs = [getattr(args, name, None) for name in ("output", "onnx", "plot")]
-    for index, path in enumerate(outputs):
-        if path:
-            others = [p for p in outputs[:index] if p]
-            check_output(path, [*files, *others], getattr(args, "overwrite", False), folders,
-                         arch=getattr(args, "arch", None))
+    outputs = {flag: getattr(args, name, None)
+               for flag, name in (("-o", "output"), ("--onnx", "onnx"), ("--plot", "plot"))}
+    outputs = {flag: path for flag, path in outputs.items() if path}
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        earlier = seen.setdefault(os.path.realpath(path), flag)
+        if earlier != flag:
+            raise UsageError(f"{flag} and {earlier} name the same file")
+        check_output(path, files, getattr(args, "overwrite", False), folders,
+                     arch=getattr(args, "arch", None))

@@ -160,15 +160,15 @@ def test_2_a_broken_input_model_is_refused_naming_the_layer(demo, tmp_path, dama
 # -- 3. a failed verification replaces nothing ---------------------------------------------------
 def test_3_a_failed_verification_leaves_every_existing_file_as_it_was(demo, tmp_path, monkeypatch,
                                                                       capsys):
-    from hfp8.cli import commands as cli_commands
     from hfp8.cli import main
+    from hfp8.export import verify
 
     folder, _, _ = demo
     out, onnx_out = tmp_path / "q.hfp8.pt", tmp_path / "q.onnx"
     out.write_text("good quantized model")
     onnx_out.write_text("good onnx")
     before = {p.name: _md5(p) for p in tmp_path.iterdir()}
-    monkeypatch.setattr(cli_commands, "passed", lambda report: False)
+    monkeypatch.setattr(verify, "passed", lambda report: False)
     code = main(["quantize", str(folder / "model.pt"), *ARCH, "--calib",
                  str(folder / "calibration"), *FLAGS, "-o", str(out), "--onnx", str(onnx_out),
                  "--overwrite", "--quiet"])
