@@ -18,10 +18,11 @@ import math
 
 import torch
 
-from hfp8.numerics.fake_quant import fake_quantize, fake_quantize_per_channel
+from hfp8.numerics.fake_quant import fake_quantize, fake_quantize_per_channel, nearest_rounder
 from hfp8.numerics.formats import FloatFormat
 
-__all__ = ["select_exponent_bias", "BIAS_METHODS", "max_bias_for_amax", "valid_bias_range"]
+__all__ = ["select_exponent_bias", "BIAS_METHODS", "max_bias_for_amax", "valid_bias_range",
+           "candidate_errors"]
 
 BIAS_METHODS = ("mse", "max", "fixed")
 DEFAULT_SEARCH_RADIUS = 8
@@ -81,6 +82,91 @@ def squared_error(values: torch.Tensor, fmt: FloatFormat, biases: torch.Tensor) 
     return error.sum(dim=1)
 
 
+def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Tensor,
+                     chunk: int = 1 << 22) -> torch.Tensor:
+    """``errors[r, c] = sum((fq(x; b) - x)^2)`` over the finite entries ``x`` of row ``r`` of
+    ``rows``, at bias ``b = candidates[r, c]`` (float64, CPU), for every candidate in one
+    pass over the data instead of one rounding per candidate.
+
+    Every candidate of a row is at least the row's first one, ``b0 = candidates[r, 0]``, so
+    its grid is ``b0``'s shifted down: a value ``|x| >= smallest_normal(b0)`` is normal at every
+    candidate, and at bias ``b`` it either rounds within its own binade, with an error that does
+    not depend on ``b``, or (``|x| > max_finite(b)``) saturates, with error ``(|x| - M_b)^2``.
+    ``max_finite(b)`` is ``(1 + J / 2^m) 2^(E - b)`` (top exponent field ``E``, mantissa field
+    ``J``): the lower edge of one of the ``2^m`` slots of its binade. So per row, binade and slot
+    it suffices to add up the count, ``d = |x| - lower edge``, ``d^2`` and the squared
+    within-binade error (``d`` and the error are exact in float, in units of the binade's
+    spacing ``2^(binade - m)``, and scaled once per bin); for a slot above the max, ``sum (|x| - M)^2 = sum d^2 + 2 D sum d +
+    n D^2`` with ``D = lower edge - M >= 0`` (no cancellation). Values below
+    ``smallest_normal(b0)`` are rounded exactly at each candidate (few, in practice). Sums run
+    in float64, in an order of their own: equal to per-candidate rounding's up to float64
+    rounding."""
+    candidates = candidates.to("cpu", torch.int64)
+    count, width = rows.shape
+    mantissa, slots = fmt.mantissa_bits, 1 << fmt.mantissa_bits
+    top_field, top_slot = fmt.largest_finite_fields()
+    bins = top_field * slots  # a row's normal values at b0 lie in top_field binades
+    floor_binade = 1 - candidates[:, 0]  # the binade of smallest_normal(b0), per row
+    tables = torch.zeros(4, count * bins + 1, dtype=torch.float64)  # last bin: not normal
+    small_values, small_rows = [], []
+    step_rows = max(1, chunk // max(width, 1))
+    for first in range(0, count, step_rows):
+        for column in range(0, width, chunk):
+            block = rows[first:first + step_rows, column:column + chunk]
+            local = floor_binade[first:first + block.shape[0]].to(block.device)[:, None]
+            absolute = block.abs()
+            floor = torch.exp2(local.to(block.dtype))
+            fraction, exponent = torch.frexp(absolute)  # |x| = fraction 2^exponent, [0.5, 1)
+            normal = (absolute >= floor) & torch.isfinite(absolute)
+            small = (absolute > 0) & (absolute < floor)
+            if bool(small.any()):
+                which = small.nonzero()
+                small_values.append(absolute[small].cpu().to(torch.float64))
+                small_rows.append(which[:, 0].cpu() + first)
+            # t = |x| 2^(m - binade) in [2^m, 2^(m+1)): its integer part is the slot (plus 2^m),
+            # its fraction u the offset in the slot and round(t) - t the within-binade error,
+            # both in units of 2^(binade - m), the same for every value of a bin: scaled after
+            # the sums (exact in float: t has the input's precision)
+            scaled = fraction * (2 * slots)
+            whole = scaled.floor()
+            slot = whole.to(torch.int64) - slots
+            binade = (exponent.to(torch.int64) - 1 - local).clamp(0, top_field - 1)
+            owner = torch.arange(first, first + block.shape[0], device=block.device)[:, None]
+            index = torch.where(normal, (owner * top_field + binade) * slots + slot,
+                                count * bins).reshape(-1)
+            offset = (scaled - whole).reshape(-1).to(torch.float64)
+            error = (torch.round(scaled) - scaled).reshape(-1).to(torch.float64)
+            for table, weights in zip(tables, (None, offset, offset.square(), error.square())):
+                table += torch.bincount(index, weights, minlength=count * bins + 1).to(
+                    "cpu", torch.float64)
+    unit = torch.exp2((floor_binade[:, None] + torch.arange(top_field)[None, :] - mantissa)
+                      .to(torch.float64))[..., None]  # 2^(binade - m) per row and binade
+    tables[1, :-1] *= unit.expand(count, top_field, slots).reshape(-1)
+    tables[2, :-1] *= unit.square().expand(count, top_field, slots).reshape(-1)
+    tables[3, :-1] *= unit.square().expand(count, top_field, slots).reshape(-1)
+    number, first_sum, second_sum, within_sum = (
+        table[:-1].reshape(count, top_field, slots) for table in tables)
+    result = torch.zeros(count, candidates.shape[1], dtype=torch.float64)
+    relative = torch.arange(top_field, dtype=torch.int64)
+    edge = (1 + torch.arange(slots, dtype=torch.float64) / slots)[None, None, :] * torch.exp2(
+        (floor_binade[:, None] + relative[None, :]).to(torch.float64))[..., None]
+    for step in range(candidates.shape[1]):
+        top_binade = (top_field - candidates[:, step] - floor_binade)[:, None, None]  # relative
+        maximum = (1 + top_slot / slots) * torch.exp2(
+            (top_field - candidates[:, step]).to(torch.float64))[:, None, None]
+        above = (relative[None, :, None] > top_binade) | (
+            (relative[None, :, None] == top_binade) & (torch.arange(slots) >= top_slot))
+        gap = (edge - maximum).clamp(min=0)
+        saturated = second_sum + 2 * gap * first_sum + number * gap.square()
+        result[:, step] = torch.where(above, saturated, within_sum).sum(dim=(1, 2))
+    if small_values:
+        values, owners = torch.cat(small_values), torch.cat(small_rows)
+        for step in range(candidates.shape[1]):
+            rounded = nearest_rounder(fmt, candidates[owners, step])(values)
+            result[:, step] += torch.bincount(owners, (rounded - values).square(), count)
+    return result
+
+
 def select_exponent_bias(
     x: torch.Tensor,
     fmt: FloatFormat,
@@ -109,14 +195,14 @@ def select_exponent_bias(
         _, high = valid_bias_range(fmt)
         widest = best
         fitted = torch.isfinite(amax.cpu()) & (amax.cpu() > 0)
-        # the rounding runs on x's device; the per-row bookkeeping stays on the CPU, with biases
-        best_error = squared_error(rows, fmt, best).cpu()
-        for step in range(1, search_radius + 1):
-            candidate = torch.where(fitted, (widest + step).clamp(max=high), widest)
-            error = squared_error(rows, fmt, candidate).cpu()
-            better = error < best_error
-            best = torch.where(better, candidate, best)
-            best_error = torch.where(better, error, best_error)
+        candidates = torch.stack([torch.where(fitted, (widest + step).clamp(max=high), widest)
+                                  for step in range(search_radius + 1)], dim=1)
+        errors = candidate_errors(rows, fmt, candidates)
+        best_error = errors[:, 0]
+        for step in range(1, search_radius + 1):  # ties keep the smaller bias (wider range)
+            better = errors[:, step] < best_error
+            best = torch.where(better, candidates[:, step], best)
+            best_error = torch.where(better, errors[:, step], best_error)
     if axis is None:
         return int(best[0])
     return best

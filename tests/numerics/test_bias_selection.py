@@ -8,7 +8,12 @@ from hypothesis import strategies as st
 
 import hfp8
 from hfp8 import FloatFormat
-from hfp8.numerics.bias_selection import valid_bias_range
+from hfp8.numerics.bias_selection import (
+    candidate_errors,
+    max_bias_for_amax,
+    squared_error,
+    valid_bias_range,
+)
 from tests.reference import ml_dtypes_round
 
 
@@ -144,3 +149,57 @@ def test_fixed_is_the_formats_own_bias_whatever_the_data():
     observer = hfp8.HistogramObserver()
     observer.observe(x)
     assert observer.exponent_bias(fmt, "fixed") == 9
+
+
+# -- candidate_errors: every candidate bias in one pass, against one rounding per candidate ----
+def _candidates(x: torch.Tensor, fmt: FloatFormat, radius: int = 8) -> torch.Tensor:
+    amax = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax(1)
+    widest = max_bias_for_amax(amax, fmt)
+    _, high = valid_bias_range(fmt)
+    return torch.stack([(widest + step).clamp(max=high) for step in range(radius + 1)], 1)
+
+
+EDGE_FORMATS = [hfp8.E4M3, hfp8.E5M2, FloatFormat(3, 4, 3, "ieee"), FloatFormat(3, 5, 3, "fn"),
+                FloatFormat(4, 0, 7, "fn"), FloatFormat(2, 1, 1, "none")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fmt", EDGE_FORMATS, ids=str)
+def test_candidate_errors_equal_one_rounding_per_candidate(fmt, dtype):
+    """Rows of different scales (most values subnormal at the widest bias in one, values near
+    float32's max in another), zeros, NaN and Inf; a small chunk cuts rows and columns."""
+    rng = torch.Generator().manual_seed(0)
+    scales = torch.tensor([[1e-3], [1.0], [300.0], [1e-30], [1.0]])
+    x = torch.randn(5, 3000, generator=rng) * scales
+    x[:, :5] = torch.tensor([-1e-40, 0.0, float("nan"), float("inf"), 1e-6])
+    x[4, 7] = 3e38
+    x = x.to(dtype)
+    candidates = _candidates(x, fmt)
+    fast = candidate_errors(x, fmt, candidates, chunk=1000)
+    slow = torch.stack([squared_error(x, fmt, candidates[:, k])
+                        for k in range(candidates.shape[1])], 1)
+    # float64 sums in two orders: equal up to float64 rounding of the larger terms
+    assert torch.allclose(fast, slow, rtol=1e-13, atol=0), (fast - slow).abs().max()
+
+
+@settings(max_examples=100, deadline=None)
+@given(values, formats, st.booleans())
+def test_candidate_errors_pick_the_bias_one_rounding_per_candidate_picks(xs, fmt, per_row):
+    x = torch.tensor(xs).reshape(len(xs), 1) if per_row else torch.tensor(xs).reshape(1, -1)
+    candidates = _candidates(x, fmt)
+    fast = candidate_errors(x, fmt, candidates)
+    slow = torch.stack([squared_error(x, fmt, candidates[:, k])
+                        for k in range(candidates.shape[1])], 1)
+    assert torch.allclose(fast, slow, rtol=1e-12, atol=0)
+
+
+def test_equal_candidates_get_exactly_equal_errors():
+    """A candidate clamped to the top of the valid range repeats: its error must repeat
+    exactly, or a rounding difference would pick a different bias than a tie does."""
+    fmt = hfp8.E4M3
+    _, high = valid_bias_range(fmt)
+    x = torch.tensor([[2.0 ** (1 - high) * 3, 2.0 ** (1 - high) * 5, 1e-45]])
+    candidates = _candidates(x, fmt)
+    assert int(candidates[0, -1]) == int(candidates[0, -2]) == high
+    errors = candidate_errors(x, fmt, candidates)
+    assert errors[0, -1] == errors[0, -2]
