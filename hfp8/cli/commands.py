@@ -43,7 +43,10 @@ def _export_and_verify(qmodel, onnx_path, example, batches, reference, args, rep
     """Export to ``onnx_path`` (a temporary name) and verify it there; a failed verification
     raises, so that nothing is placed."""
     _phase(args, "exporting to ONNX with torch.onnx.export (dynamo)")
-    hfp8.export_onnx(qmodel, onnx_path, example, opset=getattr(args, "opset", None))
+    # one file only: the command line places exactly the files it names (a weights file
+    # beside a >2 GiB model is the Python API's)
+    hfp8.export_onnx(qmodel, onnx_path, example, opset=getattr(args, "opset", None),
+                     external_data_bytes=None)
     if args.no_verify:
         return
     from hfp8.export.verify import passed

@@ -25,14 +25,16 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hfp8._files import atomic_write
+from hfp8._files import atomic_write, atomic_write_all
 from hfp8.data.model_io import BatchError, map_tensors, split_batch
 from hfp8.export import ExportError, onnx_fp8_form, onnx_graph
 from hfp8.export.onnx_ops import (
@@ -45,10 +47,12 @@ from hfp8.numerics.ops import scale_for_bias
 from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
 
 __all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET", "MAX_OPSET", "MANIFEST_KEY",
-           "deployment_form", "capture"]
+           "deployment_form", "capture", "external_data_path", "EXTERNAL_DATA_BYTES"]
 
 DEFAULT_OPSET = 19  # the first opset with FLOAT8 QuantizeLinear/DequantizeLinear
 MAX_OPSET = 21
+# protobuf cannot serialize a message of 2 GiB; leave room for the graph beside the weights
+EXTERNAL_DATA_BYTES = (1 << 31) - (1 << 26)
 from hfp8._report import MANIFEST_KEY  # noqa: E402  (re-exported)
 
 
@@ -191,7 +195,8 @@ def _check_scales(model: onnx.ModelProto) -> None:
 
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
-                opset: int | None = None, dynamic_batch: bool = True) -> onnx.ModelProto:
+                opset: int | None = None, dynamic_batch: bool = True,
+                external_data_bytes: int | None = EXTERNAL_DATA_BYTES) -> onnx.ModelProto:
     """Write ``qmodel`` (from :func:`hfp8.quantize_model`, or any float model) as ONNX to ``path``.
 
     ``example_input``: one batch as the model takes it (a tensor, a tuple of inputs, a mapping
@@ -199,7 +204,11 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
     (default) to 21. ``dynamic_batch``: the first dimension of every input (and every dimension
     of integer inputs such as token ids) stays free where the model allows it. The file is
     checked with ``onnx.checker.check_model(full_check=True)`` and written atomically; the same
-    model always gives the same bytes. Returns the ONNX model.
+    model always gives the same bytes. A model of ``external_data_bytes`` or more (default just
+    under protobuf's 2 GiB limit) keeps its weights in a second file beside ``path``
+    (:func:`external_data_path`, referred to by name, so keep the two together); onnxruntime
+    and ``onnx.load`` read it from there; ``None`` refuses such a model (an
+    :class:`ExportError`) instead. Returns the ONNX model.
     """
     from hfp8._version import __version__
     from hfp8.ptq.report import manifest
@@ -241,6 +250,13 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
         data = None  # a plain float model
     if data is not None:
         onnx.helper.set_model_props(onnx_model, {MANIFEST_KEY: json.dumps(data, sort_keys=True)})
+    size = onnx_model.ByteSize()
+    if size >= (EXTERNAL_DATA_BYTES if external_data_bytes is None else external_data_bytes):
+        if external_data_bytes is None:
+            raise ExportError(f"the ONNX model is {size / 2**30:.2f} GiB, past what one file "
+                              "holds; hfp8.export_onnx from Python writes its weights to a "
+                              "second file beside it")
+        return _write_with_external_data(onnx_model, Path(path))
     try:
         onnx.checker.check_model(onnx_model, full_check=True)
     except onnx.checker.ValidationError as error:
@@ -252,4 +268,34 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
             stream.write(serialized)
 
     atomic_write(path, write)
+    return onnx_model
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where :func:`export_onnx` puts the weights of a model too large for one protobuf file:
+    ``path`` with ``.data`` appended, beside it (the file refers to it by name)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _write_with_external_data(onnx_model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """Writes ``onnx_model`` as ``path`` plus :func:`external_data_path` (every initializer of
+    1 KiB or more in the data file), checked from disk (the checker's in-memory form is limited
+    to 2 GiB), and places both files together (:func:`hfp8._files.atomic_write_all`). Returns
+    the model without its weights (they are in the data file)."""
+    data = external_data_path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent if str(path.parent) else ".") as folder:
+        staged = Path(folder) / path.name
+        onnx.save_model(onnx_model, staged, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise ExportError(f"the exported graph fails onnx.checker: {_first_line(error)}") from None
+
+        def write(temporaries: list[str]) -> None:
+            os.replace(staged, temporaries[0])
+            os.replace(Path(folder) / data.name, temporaries[1])
+
+        atomic_write_all([path, data], write)
     return onnx_model

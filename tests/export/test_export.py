@@ -247,3 +247,49 @@ def test_verification_fails_on_a_tampered_file(tmp_path):
     report = hfp8.verify_onnx(qmodel, tmp_path / "weight.onnx", samples)
     assert report["bit_exact"] and not report["layers"]["1.0"]["within_bound"]
     assert not hfp8.export.verify.passed(report)
+
+
+def _mlp_qmodel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10)).eval()
+    batches = [torch.randn(8, 64) for _ in range(2)]
+    qmodel = hfp8.quantize_model(model, batches, hfp8.QuantConfig(keep_first_and_last=False),
+                                 quiet=True)
+    return model, qmodel, batches
+
+
+def test_a_model_past_the_size_limit_keeps_its_weights_in_a_data_file_beside_it(tmp_path):
+    """The >2 GiB path, at a threshold small enough for a test: two files placed together,
+    the same outputs as the single file in a default session, and verification passes."""
+    from hfp8.export.onnx_export import external_data_path
+
+    model, qmodel, batches = _mlp_qmodel()
+    single, split = tmp_path / "one" / "q.onnx", tmp_path / "two" / "q.onnx"
+    single.parent.mkdir(), split.parent.mkdir()
+    hfp8.export_onnx(qmodel, single, batches[0])
+    hfp8.export_onnx(qmodel, split, batches[0], external_data_bytes=1000)
+    assert sorted(p.name for p in split.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
+    assert external_data_path(split).stat().st_size > 60_000 > split.stat().st_size
+    assert [p.name for p in single.parent.iterdir()] == ["q.onnx"]
+    x = torch.randn(5, 64)
+    np.testing.assert_array_equal(_run(split, x), _run(single, x))
+    loaded = onnx.load(str(split))  # reads the data file back
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in loaded.graph.initializer} \
+        == {t.name: onnx.numpy_helper.to_array(t).tobytes()
+            for t in onnx.load(str(single)).graph.initializer}
+    from hfp8.export.verify import passed
+
+    assert passed(hfp8.verify_onnx(qmodel, split, batches, reference=model))
+
+
+def test_refusing_a_data_file_is_an_export_error_that_writes_nothing(tmp_path, monkeypatch):
+    """The command line refuses a second file (external_data_bytes=None); the model is made to
+    look past the limit by lowering it."""
+    from hfp8.export import onnx_export
+
+    _, qmodel, batches = _mlp_qmodel()
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    with pytest.raises(hfp8.ExportError, match="past what one file holds"):
+        hfp8.export_onnx(qmodel, tmp_path / "big.onnx", batches[0], external_data_bytes=None)
+    assert list(tmp_path.iterdir()) == []
