@@ -34,27 +34,27 @@ WORK_BYTES = 256 << 20  # float64 work space of one run of side-by-side weights
 
 def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damping)^-1`` per group; zeroes ``weight`` columns of
-    inputs that never vary (in place)."""
-    hessian = hessian.clone()
-    diagonal = hessian.diagonal(dim1=1, dim2=2)
+    inputs that never vary (in place).
+
+    ``U`` upper with ``U^T U = H^-1``, without forming ``H^-1``: with ``P`` the order reversal
+    and ``P H P = L L^T`` (lower Cholesky), ``H^-1 = P L^-T L^-1 P = U^T U`` for ``U = P L^-1 P``.
+    One factorization and one triangular solve instead of two factorizations and an inversion:
+    27% faster at d = 4096, the same ``U`` to float64 rounding (~1e-15 relative)."""
+    reversed_ = hessian.flip((-1, -2))  # a copy, damped in place below
+    diagonal = reversed_.diagonal(dim1=1, dim2=2)  # in reversed order
     dead = diagonal == 0
     diagonal[dead] = 1.0
-    weight.masked_fill_(dead[:, None, :], 0.0)
-    damping = DAMPING * diagonal.mean(dim=1, keepdim=True)
+    weight.masked_fill_(dead.flip(-1)[:, None, :], 0.0)
+    # the mean in the original order (the damping, bit for bit, of the unreversed form)
+    damping = DAMPING * diagonal.flip(-1).mean(dim=1, keepdim=True)
     diagonal += damping
-    # U upper with U^T U = H^-1, without forming H^-1: with P the order reversal and
-    # P H P = L L^T (lower Cholesky), H^-1 = P L^-T L^-1 P = U^T U for U = P L^-1 P (upper).
-    # One factorization and one triangular solve instead of two factorizations and an
-    # inversion: 27% faster at d = 4096, the same U to float64 rounding (~1e-15 relative)
-    reversed_ = hessian.flip(-1).flip(-2)
     identity = torch.eye(hessian.shape[-1], dtype=hessian.dtype).expand_as(hessian)
     for attempt in range(6):  # more damping if H is not numerically positive definite
         lower, info = torch.linalg.cholesky_ex(reversed_)
         if not bool(info.any()):
-            inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
-            return inverse.flip(-1).flip(-2)
+            del reversed_
+            return torch.linalg.solve_triangular(lower, identity, upper=False).flip((-1, -2))
         diagonal += damping * 10 ** attempt
-        reversed_ = hessian.flip(-1).flip(-2)
     raise ValueError("input second moments are not positive definite, even damped")
 
 

@@ -52,13 +52,17 @@ def test_every_weight_lands_on_the_grid_and_the_objective_drops(make_layer, shap
     assert objective(compensated) < 0.9 * objective(nearest)  # seed 0: 0.72-0.83 (convs), 0.39 (linear)
 
 
-def test_many_layers_at_once_equal_one_at_a_time():
-    """Batched over layers (same width side by side, rows padded): every weight as one call per
-    layer gives it, bit for bit, whatever the mix of widths, groups and bias granularity."""
+@pytest.mark.parametrize("work_bytes", [1, 1 << 16, 1 << 28], ids=["one-per-run", "a-few",
+                                                                    "all-in-one-run"])
+def test_many_layers_at_once_equal_one_at_a_time(work_bytes):
+    """Batched over layers (same shape per group side by side, in runs bounded by
+    ``work_bytes``): every weight as one call per layer gives it, bit for bit, whatever the mix
+    of shapes, groups and bias granularity, and however the runs are cut."""
     torch.manual_seed(1)
     layers = [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
               nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Linear(72, 5),
-              nn.Conv2d(8, 12, 3, groups=2), nn.Conv2d(4, 4, 3, groups=4), nn.Linear(36, 7)]  # widths 72, 9, 9, 72, 36, 9, 36
+              nn.Conv2d(8, 12, 3, groups=2), nn.Conv2d(4, 4, 3, groups=4), nn.Linear(36, 7),
+              nn.Linear(72, 5), nn.Linear(72, 5)]  # widths 72, 9, 9, 72, 36, 9, 36, 72, 72
     problems = []
     for index, layer in enumerate(layers):
         channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
@@ -70,7 +74,7 @@ def test_many_layers_at_once_equal_one_at_a_time():
         axis = 0 if index % 2 else None
         problems.append((weight, moments.hessian(),
                          hfp8.select_exponent_bias(weight, hfp8.E4M3, "mse", axis=axis)))
-    together = compensated_rounding_many(problems, hfp8.E4M3)
+    together = compensated_rounding_many(problems, hfp8.E4M3, work_bytes)
     for (weight, hessian, bias), result in zip(problems, together):
         alone = compensated_rounding(weight, hessian, hfp8.E4M3, bias)
         assert result.shape == weight.shape and result.dtype == weight.dtype
@@ -162,3 +166,18 @@ def test_quantize_model_uses_compensated_rounding_by_default_and_it_does_not_hur
     for name, layer in quantized_layers(compensated).items():
         bias = layer.weight_exponent_bias
         assert torch.equal(_torch_e4m3(layer.weight.detach(), bias), layer.weight.detach()), name
+
+
+def test_second_moments_that_are_not_positive_definite_get_more_damping():
+    """An indefinite H (eigenvalues -1 and 3: no real input gives it, a caller might) is damped
+    until its factor exists; the weights still land on the grid."""
+    weight = torch.tensor([[0.3, -0.7], [1.1, 0.2]])
+    hessian = torch.tensor([[[1.0, 2.0], [2.0, 1.0]]], dtype=torch.float64)
+    rounded = compensated_rounding(weight, hessian, hfp8.E4M3, 7)
+    assert torch.equal(rounded, hfp8.fake_quantize(rounded, hfp8.E4M3))
+
+
+def test_second_moments_that_no_damping_fixes_are_an_error():
+    hessian = torch.full((1, 2, 2), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="not positive definite"):
+        compensated_rounding(torch.ones(2, 2), hessian, hfp8.E4M3, 7)
