@@ -23,13 +23,20 @@ from torch import nn
 from hfp8 import distributed
 from hfp8.data.batches import reseed_for_batch
 
-__all__ = ["InputMoments", "supports"]
+__all__ = ["InputMoments", "supports", "moment_bytes"]
 
 
 def supports(layer: nn.Module) -> bool:
     return isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and \
         getattr(layer, "padding_mode", "zeros") == "zeros" and \
         not isinstance(getattr(layer, "padding", 0), str)
+
+
+def moment_bytes(layer: nn.Module) -> int:
+    """Bytes of ``layer``'s float64 second moments: ``8 * groups * d^2``."""
+    groups = 1 if isinstance(layer, nn.Linear) else layer.groups
+    width = layer.weight[0].numel()  # in_features, or C_in / groups x kernel
+    return 8 * groups * width * width
 
 
 def _pick(count: int, limit: int, generator: torch.Generator) -> torch.Tensor | None:

@@ -22,14 +22,14 @@ from hfp8.calibration.batchnorm import (
     batchnorm_layers,
     reestimate_batchnorm,
 )
-from hfp8.calibration.input_moments import InputMoments, supports
+from hfp8.calibration.input_moments import InputMoments, moment_bytes, supports
 from hfp8.calibration.observers import HistogramObserver
 from hfp8.data.batches import calibration_batches, model_device
 from hfp8.data.model_io import batch_size, call_model
 from hfp8.ptq.points import quant_points
 from hfp8.ptq.quantizers import layer_state, quantized_layers
 
-__all__ = ["points", "analysis_pass", "calibration_pass", "choose_input_biases",
+__all__ = ["points", "analysis_pass", "moment_groups", "calibration_pass", "choose_input_biases",
            "refuse_non_finite"]
 
 
@@ -46,26 +46,29 @@ class _Seeing:
             self.moments.observe(x)
 
 
-def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bool,
-                  quiet: bool) -> tuple[dict, dict]:
+def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
+                  quiet: bool, observe: bool = True) -> tuple[dict, dict]:
     """A short pass over the first ``num_batches`` batches: provisional observers for every
-    point, and (``with_moments``) the input second moments of every quantized Conv1d/2d and
-    Linear layer. Nothing in the model changes."""
-    found = quant_points(qmodel)
+    point (``observe``), and the input second moments of the quantized Conv1d/2d and Linear
+    layers named in ``moment_layers``. Nothing in the model changes."""
+    found = quant_points(qmodel) if observe else {}
     observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
+    layers = quantized_layers(qmodel)
+    # seeded by the layer's position among all quantized layers, whichever pass measures it
     moments = {name: InputMoments(layer, seed=index) for index, (name, layer)
-               in enumerate(quantized_layers(qmodel).items()) if with_moments and supports(layer)}
-    states = {name: layer_state(layer) for name, layer in quantized_layers(qmodel).items()}
+               in enumerate(layers.items()) if name in moment_layers and supports(layer)}
+    states = {name: layer_state(layer) for name, layer in layers.items()
+              if name in observers or name in moments}
     try:
         for name, state in states.items():
             state.observer = _Seeing(observers.get(name), moments.get(name))
         for name, point in found.items():
-            if name not in states:
+            if name not in layers:
                 point.attach_observer(observers[name])
         device = model_device(qmodel)
+        title = "Second moments and sensitivity data" if observe else "Second moments"
         with batch_statistics([qmodel]), torch.no_grad():
-            for batch in calibration_batches(batches, num_batches, device,
-                                             "Second moments and sensitivity data", quiet):
+            for batch in calibration_batches(batches, num_batches, device, title, quiet):
                 call_model(qmodel, batch)
     finally:
         for state in states.values():
@@ -77,6 +80,23 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, with_moments: bo
     for accumulated in moments.values():
         accumulated.reduce()
     return observers, moments
+
+
+def moment_groups(qmodel: nn.Module, limit: int) -> list[list[str]]:
+    """The quantized layers with second moments, in model order, cut into groups whose float64
+    moments stay under ``limit`` bytes together (a layer alone may exceed it): one analysis pass
+    per group bounds the memory the moments take, whatever the model's size."""
+    groups, used = [[]], 0
+    for name, layer in quantized_layers(qmodel).items():
+        if not supports(layer):
+            continue
+        size = moment_bytes(layer)
+        if groups[-1] and used + size > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
 
 
 def calibration_pass(qmodel, model, calibration, config, quiet):

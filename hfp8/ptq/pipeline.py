@@ -51,6 +51,7 @@ from hfp8.ptq.calibrate import (
     analysis_pass,
     calibration_pass,
     choose_input_biases,
+    moment_groups,
     refuse_non_finite,
 )
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
@@ -68,7 +69,11 @@ from hfp8.ptq.refinement import compensate_weights, keep_sensitive_layers_float
 from hfp8.ptq.report import QuantReport
 
 __all__ = ["quantize_model", "plan_quantization", "quantized_layers", "attach_planned_sites",
-           "REPORT_ATTRIBUTE"]
+           "REPORT_ATTRIBUTE", "MOMENTS_BYTES"]
+
+# The second moments compensated rounding needs, held at once (float64): past this, the analysis
+# pass is repeated per group of layers (moments only), so memory does not grow with the model.
+MOMENTS_BYTES = 1 << 30
 
 
 def _weight_bias(weight: torch.Tensor, config: QuantConfig):
@@ -198,10 +203,18 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool) -> dict:
     select = config.float_budget > 0 or config.target_sqnr_db is not None
     if not quantized_layers(qmodel) or not (compensate or select):
         return {}
-    observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, compensate, quiet)
+    groups = moment_groups(qmodel, MOMENTS_BYTES) if compensate else [[]]
+    observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, groups[0], quiet)
     refuse_non_finite(observers)  # before the moments feed the weights
     if compensate:
         compensate_weights(qmodel, model, moments)
+        # a model whose moments exceed MOMENTS_BYTES: one more (moments only) pass per group,
+        # each seeing the weights the groups before it already rounded (as GPTQ's layer by
+        # layer order does)
+        for group in groups[1:]:
+            _, moments = analysis_pass(qmodel, batches, config.analysis_batches, group, quiet,
+                                       observe=False)
+            compensate_weights(qmodel, model, moments)
     if not select:
         return {}
     choose_input_biases(qmodel, observers, config, warn=False)  # provisional, for the estimate
