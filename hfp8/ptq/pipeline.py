@@ -192,8 +192,12 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
         graph={"first": sorted(probe.first), "last": sorted(probe.last),
                "not_run": sorted(set(layer_plan) - set(probe.executed))}))
     if not quantized_layers(qmodel) and not operand_sites(qmodel):
+        policy = any(reason.startswith(("first layer", "last layer")) for reason in kept.values())
         warnings.warn("no layer was quantized: " + "; ".join(
-            f"{name}: {reason}" for name, reason in list(kept.items())[:3]), stacklevel=2)
+            f"{name}: {reason}" for name, reason in list(kept.items())[:3]) + (
+            " (to quantize the first and last layers too: QuantConfig(keep_first_and_last="
+            "False), or include=('name', ...) for chosen ones)" if policy else ""),
+            stacklevel=2)
     return qmodel.eval()
 
 

@@ -222,10 +222,16 @@ def test_labelled_batches_pass_inputs_and_say_what_was_left_out():
         hfp8.quantize_model(model, [x for x, _ in labelled], quiet=True)
 
 
-def test_a_model_with_nothing_to_quantize_warns():
+def test_a_model_with_nothing_to_quantize_warns_and_says_how_to_change_it():
     model = nn.Sequential(nn.Linear(4, 3))  # first and last at once
-    with pytest.warns(UserWarning, match="no layer was quantized: 0: first layer"):
+    with pytest.warns(UserWarning, match=r"no layer was quantized: 0: first layer.*"
+                                         r"keep_first_and_last=False\), or include="):
         hfp8.quantize_model(model, _images((4, 4)), quiet=True)
+    with warnings.catch_warnings():  # and the way it names works
+        warnings.simplefilter("error")
+        qmodel = hfp8.quantize_model(model, _images((4, 4)),
+                                     hfp8.QuantConfig(keep_first_and_last=False), quiet=True)
+    assert list(quantized_layers(qmodel)) == ["0"]
 
 
 def test_computed_weights_are_left_float_with_the_reason():
