@@ -24,6 +24,7 @@ forward (not modules) are not counted: ``K`` is then smaller, the floor stricter
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -63,16 +64,25 @@ def _terms(module: nn.Module, inputs: tuple) -> int:
     return 1
 
 
-@torch.no_grad()
-def accumulation_length(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """``K``: the accumulation lengths of every leaf-module call in one forward of ``model``
-    on ``args``/``kwargs`` (see the module docstring). Hooks are removed in any case."""
+@contextlib.contextmanager
+def counted_terms(model: nn.Module):
+    """Within it, every leaf-module call of ``model`` adds its accumulation length to the
+    yielded list's one item (so a forward the caller runs anyway counts ``K``, see
+    :func:`accumulation_length`). Hooks are removed in any case."""
     total = [0]
 
     def hook(module, inputs, output):
         total[0] += _terms(module, inputs)
 
     with leaf_hooks(model, hook):
+        yield total
+
+
+@torch.no_grad()
+def accumulation_length(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """``K``: the accumulation lengths of every leaf-module call in one forward of ``model``
+    on ``args``/``kwargs`` (see the module docstring)."""
+    with counted_terms(model) as total:
         model(*args, **kwargs)
     return max(total[0], 1)
 
