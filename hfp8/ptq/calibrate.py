@@ -83,9 +83,9 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
 
 
 def moment_groups(qmodel: nn.Module, limit: int) -> list[list[str]]:
-    """The quantized layers with second moments, in model order, cut into groups whose float64
-    moments stay under ``limit`` bytes together (a layer alone may exceed it): one analysis pass
-    per group bounds the memory the moments take, whatever the model's size."""
+    """The quantized layers with second moments, in registration order, cut into groups whose
+    float64 moments stay under ``limit`` bytes together (a layer alone may exceed it): one
+    analysis pass per group bounds the memory the moments take, whatever the model's size."""
     groups, used = [[]], 0
     for name, layer in quantized_layers(qmodel).items():
         if not supports(layer):

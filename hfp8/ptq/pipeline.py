@@ -9,7 +9,9 @@ The data flow, in this order, and why:
 1. **Weights, round to nearest** (no data needed): each Conv/Linear weight with its own
    exponent bias, chosen from the weight itself (per tensor or per output channel).
 2. **Analysis pass** over the first ``analysis_batches`` batches (:mod:`hfp8.ptq.calibrate`):
-   each layer's input second moments and provisional input ranges.
+   each layer's input second moments and provisional input ranges; past ``MOMENTS_BYTES`` of
+   moments, one more pass (moments only) per further group of layers, each group rounded
+   (step 3) before the next is measured.
 3. **Refinement** (:mod:`hfp8.ptq.refinement`): weights re-rounded onto the same grid with error
    compensation under those moments; then every layer's effect on the output estimated (one
    forward and one backward pass) and the most harmful ones kept float within the budget.
