@@ -2,13 +2,14 @@
 (benchmarks/decoder.py, random weights), quantized with the defaults on 8 batches of 4 x 128
 tokens.
 
-    python benchmarks/scaling.py [--sizes 10M 40M 150M] [--repeats 1] [--update-docs]
+    python benchmarks/scaling.py [--sizes 10M 40M 150M] [--repeats 3] [--update-docs]
 
 Each size runs in its own child process (peak memory is that process's maximum resident set,
 ``ru_maxrss``), twice: once building the model and running one float pass (the baseline peak),
-once quantizing it. Within the quantizing child the float pass over the same 8 batches is timed
-before and after PTQ (median), and each step of ``quantize_model`` is timed by wrapping its
-function. Reported: PTQ time / one float pass, each step / one float pass, peak memory, and the
+once quantizing it ``--repeats`` times (the median is reported; the first run also pays
+one-time costs such as the first backward pass). Within the quantizing child the float pass over
+the same 8 batches is timed before and after every PTQ run (median), and each step of the last
+run of ``quantize_model`` is timed by wrapping its function. Reported: PTQ time / one float pass, each step / one float pass, peak memory, and the
 float baseline's peak. Threads: 2; glibc's allocator is left at its defaults (``MALLOC_*``
 variables are printed when set). A ratio that grows with size is a defect even when it is small.
 """
@@ -159,7 +160,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["10M", "40M", "150M"])
-    parser.add_argument("--repeats", type=int, default=1, help="PTQ runs per size (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="PTQ runs per size (median)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(HERE / "results" / "scaling.json"))
