@@ -94,9 +94,7 @@ def quantize(args) -> tuple[dict, str, int]:
     _check_plot(args, [args.model, args.output, args.onnx])
     if args.onnx:
         check_output(args.onnx, [args.model, args.output], args.overwrite, [args.calib],
-                     arch=getattr(args, "arch", None))
-        if Path(args.onnx).resolve() == Path(args.output).resolve():
-            raise inputs.UsageError("--onnx and -o name the same file")
+                     arch=getattr(args, "arch", None))  # (-o and --onnx as one file: usage.py)
     if args.arch == inputs.RECORDED:
         raise inputs.UsageError("--arch recorded: a float model file records no architecture")
     device = inputs.torch_device(args.device)

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from hfp8.numerics.fake_quant import fake_quantize, fake_quantize_per_channel, nearest_rounder
+from hfp8.numerics.fake_quant import nearest_rounder
 from hfp8.numerics.formats import FloatFormat
 
 __all__ = ["select_exponent_bias", "BIAS_METHODS", "max_bias_for_amax", "valid_bias_range",
@@ -70,18 +70,6 @@ def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return values.movedim(axis, 0).reshape(values.shape[axis], -1)
 
 
-def squared_error(values: torch.Tensor, fmt: FloatFormat, biases: torch.Tensor) -> torch.Tensor:
-    """Per-row ``sum((fq(x; b_row) - x)^2)`` over the finite entries of ``values`` (float64)."""
-    finite = torch.isfinite(values)
-    clean = torch.where(finite, values, torch.zeros_like(values))
-    if biases.numel() == 1:
-        quantized = fake_quantize(clean, fmt.with_bias(int(biases.reshape(-1)[0])))
-    else:
-        quantized = fake_quantize_per_channel(clean, fmt, biases, axis=0)
-    error = (quantized.double() - clean.double()).square()
-    return error.sum(dim=1)
-
-
 def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Tensor,
                      chunk: int = 1 << 22) -> torch.Tensor:
     """``errors[r, c] = sum((fq(x; b) - x)^2)`` over the finite entries ``x`` of row ``r`` of
@@ -96,8 +84,9 @@ def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Ten
     ``J``): the lower edge of one of the ``2^m`` slots of its binade. So per row, binade and slot
     it suffices to add up the count, ``d = |x| - lower edge``, ``d^2`` and the squared
     within-binade error (``d`` and the error are exact in float, in units of the binade's
-    spacing ``2^(binade - m)``, and scaled once per bin); for a slot above the max, ``sum (|x| - M)^2 = sum d^2 + 2 D sum d +
-    n D^2`` with ``D = lower edge - M >= 0`` (no cancellation). Values below
+    spacing ``2^(binade - m)``, and scaled once per bin); for a slot above the max,
+    ``sum (|x| - M)^2 = sum d^2 + 2 D sum d + n D^2`` with ``D = lower edge - M >= 0`` (no
+    cancellation). Values below
     ``smallest_normal(b0)`` are rounded exactly at each candidate (few, in practice). Sums run
     in float64, in an order of their own: equal to per-candidate rounding's up to float64
     rounding."""
@@ -141,9 +130,9 @@ def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Ten
                     "cpu", torch.float64)
     unit = torch.exp2((floor_binade[:, None] + torch.arange(top_field)[None, :] - mantissa)
                       .to(torch.float64))[..., None]  # 2^(binade - m) per row and binade
-    tables[1, :-1] *= unit.expand(count, top_field, slots).reshape(-1)
-    tables[2, :-1] *= unit.square().expand(count, top_field, slots).reshape(-1)
-    tables[3, :-1] *= unit.square().expand(count, top_field, slots).reshape(-1)
+    unit = unit.expand(count, top_field, slots).reshape(-1)
+    tables[1, :-1] *= unit
+    tables[2:, :-1] *= unit.square()
     number, first_sum, second_sum, within_sum = (
         table[:-1].reshape(count, top_field, slots) for table in tables)
     result = torch.zeros(count, candidates.shape[1], dtype=torch.float64)
