@@ -50,7 +50,9 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def _compute_dtype(dtype: torch.dtype, mantissa_bits: int, exponents: tuple[int, int]) -> torch.dtype:
-    """float32 when the magic constant C is a normal float32 for every binade, else float64.
+    """float32 when every binade of the format is a normal float32 binade (the binade is read
+    from the exponent field, which a float32 subnormal does not have) and the magic constant C
+    is a normal float32 for every binade, else float64.
 
     ``exponents`` is (exponent of the smallest normal, exponent of the largest binade).
     """
@@ -61,7 +63,8 @@ def _compute_dtype(dtype: torch.dtype, mantissa_bits: int, exponents: tuple[int,
     low, high = exponents
     c_low = low + 23 - mantissa_bits
     c_high = high + 24 - mantissa_bits
-    if c_low >= _MIN_NORMAL_EXPONENT[torch.float32] and c_high <= _MAX_EXPONENT[torch.float32]:
+    if low >= _MIN_NORMAL_EXPONENT[torch.float32] and c_low >= _MIN_NORMAL_EXPONENT[torch.float32] \
+            and c_high <= _MAX_EXPONENT[torch.float32]:
         return torch.float32
     return torch.float64
 

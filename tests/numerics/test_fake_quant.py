@@ -61,6 +61,33 @@ def test_e4m3_fn_matches_ml_dtypes_and_torch_at_every_bias(bias):
     _assert_bitwise_equal(hfp8.fake_quantize(torch.from_numpy(x[inside]), fmt), torch_ref.numpy())
 
 
+@pytest.mark.parametrize("bias", [126, 127, 128, 131, 140, 146])
+def test_e4m3_fn_at_biases_where_format_values_are_float32_subnormals(bias):
+    """Past bias 127 the format's smallest normals are float32 subnormals, which carry no
+    exponent field to read the binade from (bias 147 once rounded 3565 * 2^-149 to itself).
+    The reference scales in float64, where every value here is normal."""
+    fmt = hfp8.E4M3.with_bias(bias)
+    x = _sweep(fmt, 6000)
+    reference = ml_dtypes_round(x.astype(np.float64), 4, 3, "fn", bias)
+    _assert_bitwise_equal(hfp8.fake_quantize(torch.from_numpy(x), fmt, **NO_SATURATION),
+                          reference)
+    inside = np.abs(x) <= fmt.max_finite  # per channel saturates: compare below the max
+    per_channel = hfp8.fake_quantize_per_channel(torch.from_numpy(x[inside])[None], hfp8.E4M3,
+                                                 torch.tensor([bias]), axis=0)
+    _assert_bitwise_equal(per_channel[0], reference[inside])
+
+
+def test_e4m3_fn_at_the_highest_valid_bias():
+    """Bias 147 (smallest subnormal 2^-149, the last float32 value; its grid's ties are not
+    float32 values, so no sweep): every float32 multiple k 2^-149 up to 2^12 of them."""
+    bias = 147
+    x = (np.arange(1, 1 << 12, dtype=np.float64) * 2.0 ** -149).astype(np.float32)
+    reference = ml_dtypes_round(x.astype(np.float64), 4, 3, "fn", bias)
+    fmt = hfp8.E4M3.with_bias(bias)
+    _assert_bitwise_equal(hfp8.fake_quantize(torch.from_numpy(x), fmt), reference)
+    assert float(hfp8.fake_quantize(torch.tensor([3565 * 2.0 ** -149]), fmt)) == 3584 * 2.0 ** -149
+
+
 @pytest.mark.parametrize("bias", [15, 0, 10, 20, 30])
 def test_e5m2_matches_ml_dtypes_and_torch(bias):
     fmt = hfp8.E5M2.with_bias(bias)
