@@ -37,6 +37,7 @@ _PUBLIC = {
     "quantize_model": "hfp8.ptq.pipeline",
     "verify_onnx": "hfp8.export.verify",
     "compare_outputs": "hfp8.ptq.evaluation",
+    "perplexity": "hfp8.ptq.evaluation",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
@@ -64,7 +65,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from hfp8.numerics.fake_quant import fake_quantize, fake_quantize_per_channel  # noqa: F401
     from hfp8.numerics.formats import E4M3, E5M2, FloatFormat  # noqa: F401
     from hfp8.ptq.config import QuantConfig  # noqa: F401
-    from hfp8.ptq.evaluation import compare_outputs  # noqa: F401
+    from hfp8.ptq.evaluation import compare_outputs, perplexity  # noqa: F401
     from hfp8.ptq.manifest import format_manifest  # noqa: F401
     from hfp8.ptq.pipeline import quantize_model  # noqa: F401
     from hfp8.ptq.report import QuantReport, manifest, recalibrate_batchnorm  # noqa: F401

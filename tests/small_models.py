@@ -72,8 +72,24 @@ def make_mlp() -> nn.Module:
                          nn.ReLU(), nn.Linear(64, 10))
 
 
+class RowReader(nn.Module):
+    """Reads a digit row by row (8 steps of 8 pixels): a Linear front, a two-layer
+    bidirectional recurrent layer, a head on the last step's output."""
+
+    def __init__(self, recurrent=nn.LSTM, width: int = 32) -> None:
+        super().__init__()
+        self.front = nn.Linear(8, width)
+        self.rnn = recurrent(width, width, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        sequence, _ = self.rnn(torch.relu(self.front(x[:, 0])))
+        return self.head(sequence[:, -1])
+
+
 FACTORIES = {"cnn": make_cnn, "resnet": make_resnet, "mobilenet_like": make_mobilenet_like,
-             "mlp": make_mlp}
+             "mlp": make_mlp, "lstm": lambda: RowReader(nn.LSTM), "gru": lambda: RowReader(nn.GRU),
+             "rnn": lambda: RowReader(nn.RNN)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,3 +127,101 @@ def calibration_batches(count: int = 8, batch_size: int = 32) -> list[torch.Tens
     """Unlabelled batches from the training split."""
     train_x = digits()[0]
     return [train_x[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
+# -- a small causal language model ------------------------------------------------------------
+CHAR_MODULES = ("argparse", "collections", "dataclasses", "datetime", "functools", "inspect",
+                "json", "logging", "pathlib", "random", "shutil", "subprocess", "textwrap",
+                "threading", "typing", "unittest")
+
+
+@functools.lru_cache(maxsize=1)
+def char_text() -> tuple[torch.Tensor, list[str]]:
+    """(character ids, alphabet) of the docstrings of some standard-library modules: real
+    English text that installs with Python (deterministic for one Python version)."""
+    import importlib
+    import inspect
+
+    documents = []
+    for name in CHAR_MODULES:
+        module = importlib.import_module(name)
+        documents.append(inspect.getdoc(module) or "")
+        for attribute in sorted(vars(module)):
+            value = getattr(module, attribute)
+            if not attribute.startswith("_") and inspect.isclass(value) and \
+                    getattr(value, "__module__", None) == module.__name__:
+                documents.append(inspect.getdoc(value) or "")
+    text = "\n\n".join(d for d in documents if d)
+    alphabet = sorted(set(text))
+    index = {c: i for i, c in enumerate(alphabet)}
+    return torch.tensor([index[c] for c in text], dtype=torch.int64), alphabet
+
+
+class CharBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(width, dim=-1)
+        shape = (batch, length, self.heads, width // self.heads)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class CharLM(nn.Module):
+    """A GPT-style character model: token and position embeddings, pre-norm causal blocks,
+    a Linear head; ``tokens (N, T) -> logits (N, T, vocabulary)``."""
+
+    def __init__(self, vocabulary: int, width: int = 64, layers: int = 2, heads: int = 4,
+                 context: int = 64) -> None:
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocabulary, width), nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(CharBlock(width, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocabulary)
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def char_windows(split: str, count: int, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """``count`` random windows of ``length`` characters from the first 90% ("train") or the
+    last 10% ("test") of :func:`char_text`."""
+    data, _ = char_text()
+    cut = int(0.9 * len(data))
+    data = data[:cut] if split == "train" else data[cut:]
+    starts = torch.randint(len(data) - length, (count,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([data[s:s + length] for s in starts])
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_char_lm_state(steps: int = 400):
+    torch.manual_seed(0)
+    model = CharLM(len(char_text()[1]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    windows = char_windows("train", steps * 32, length=33, seed=1)
+    model.train()
+    for batch in windows.split(32):
+        logits = model(batch[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def trained_char_lm() -> nn.Module:
+    """A fresh copy of the trained :class:`CharLM` (seeded; seconds on CPU), in eval mode."""
+    model = CharLM(len(char_text()[1]))
+    model.load_state_dict(_trained_char_lm_state())
+    return model.eval()

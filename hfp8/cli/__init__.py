@@ -48,6 +48,7 @@ EPILOGS = {
   hfp8-ptq evaluate model.onnx --data test/                       (top-1: one sub-folder per class)
   hfp8-ptq evaluate model.hfp8.pt --arch mypkg.models:net --data photos/ --reference model.pt
   hfp8-ptq evaluate model.pt --arch hfp8.examples:fashion_cnn --data test/ --channels 1 ...
+  hfp8-ptq evaluate lm.hfp8.pt --arch mypkg.models:lm --data tokens/ --perplexity --reference lm.pt
 --arch builds MODEL and, with --reference, the float model too (for a quantized file,
 --arch recorded: the architecture the file names).""",
     "inspect": """examples:
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one sub-folder per class (top-1), or any samples with --reference")
     _model_arguments(v, reference="compare with this float model (per output: SQNR, cosine; "
                                   "classifier outputs also top-1 agreement and KL) instead of labels")
+    v.add_argument("--perplexity", action="store_true",
+                   help="the samples are token-id sequences (int .npy/.pt files, or dicts with "
+                        "input_ids): report the next-token perplexity of a causal language "
+                        "model (with --reference, of both models)")
     _sample_arguments(v, "samples", recorded=True)
 
     i = command("inspect", "show a quantized model's manifest (layers, formats, biases)")

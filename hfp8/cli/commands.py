@@ -21,7 +21,7 @@ from hfp8.cli.recalibrate import bn_recalibration
 from hfp8.data.model_files import ModelFileError, file_kind, load_model
 from hfp8.data.model_io import BatchError, map_tensors
 from hfp8.data.samples import SampleError, SampleFolder
-from hfp8.ptq.evaluation import collect_logits, compare_outputs, top1_accuracy
+from hfp8.ptq.evaluation import collect_logits, compare_outputs, perplexity, top1_accuracy
 from hfp8.ptq.plot import PlotError  # light: matplotlib is imported on use
 from hfp8.ptq.report import report_of
 
@@ -218,7 +218,7 @@ def evaluate(args) -> tuple[dict, str, int]:
     model, preprocessing, arch = inputs.runner(args.model, args.arch, args.trust_pickle)
     if isinstance(model, torch.nn.Module):
         model = model.to(device)
-    labelled = not args.reference
+    labelled = not args.reference and not args.perplexity
     try:
         samples = SampleFolder(args.data, inputs.sample_config(args, preprocessing, labels=labelled))
     except SampleError as error:
@@ -230,6 +230,8 @@ def evaluate(args) -> tuple[dict, str, int]:
     inputs.upscaled_images(samples)
     inputs.dry_run(model, inputs.first_batch(samples), args.data, samples.config)
     progress = dict(quiet=args.quiet, description="Evaluating")
+    if args.perplexity:
+        return _perplexity(args, model, arch, samples, device)
     if labelled:
         targets = torch.cat([t for _, t in samples])
         logits = collect_logits(model, samples, **progress)
@@ -248,6 +250,28 @@ def evaluate(args) -> tuple[dict, str, int]:
     if len(result["outputs"]) == 1:  # one output: its metrics at the top level too
         report.update(next(iter(result["outputs"].values())))
     return report, _fidelity_text(result), 0
+
+
+def _perplexity(args, model, arch, samples, device) -> tuple[dict, str, int]:
+    """evaluate --perplexity: next-token perplexity on token-id samples (and the float
+    model's, with --reference)."""
+    try:
+        report = perplexity(model, samples, quiet=args.quiet, description="Perplexity")
+    except ValueError as error:
+        raise inputs.UsageError(f"--perplexity: {error}") from None
+    text = (f"perplexity {report['perplexity']:.4f} ({report['mean_nll']:.4f} nats per token) "
+            f"on {report['tokens']} predicted tokens of {report['sequences']} sequences")
+    if args.reference:
+        reference_arch = inputs.reference_architecture(args.arch, arch, args.model)
+        reference, _, _ = inputs.runner(args.reference, reference_arch, args.trust_pickle)
+        if isinstance(reference, torch.nn.Module):
+            reference = reference.to(device)
+        floats = perplexity(reference, samples, quiet=args.quiet,
+                            description="Perplexity (reference)")
+        change = report["perplexity"] / floats["perplexity"] - 1
+        report = {**report, "reference_perplexity": floats["perplexity"], "relative_change": change}
+        text += f"; reference {floats['perplexity']:.4f} ({100 * change:+.2f}%)"
+    return report, text, 0
 
 
 def _plotted(args, manifest: dict | None, text: str) -> str:

@@ -5,7 +5,9 @@ Supported files: images (``IMAGE_EXTENSIONS``, any case) decoded with PIL, and t
 ``torch.load(weights_only=True)``, holding one tensor or a dict of named tensors (the keyword
 inputs of a model such as ``input_ids`` and ``attention_mask``). Tensor files are one sample
 each, used as they are: single tensors and floating-point dict entries become float32, integer
-dict entries (token ids, masks) keep their type. Hidden files and folders (name starting with
+dict entries (token ids, masks) keep their type, and a single tensor of int32 or int64 (token
+ids, as a language model takes them) becomes int64; narrower integers (uint8 pixels) become
+float32. Hidden files and folders (name starting with
 ``.``) are skipped; linked folders are not followed, except class folders.
 
 A file is data, and small files can describe huge data: images over ``MAX_IMAGE_PIXELS`` are
@@ -146,6 +148,8 @@ def _load_tensor(path: Path):
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) \
                 or np.iscomplexobj(array):
             raise ValueError(f"unsupported array dtype {array.dtype}")
+        if array.dtype in (np.int32, np.int64):  # token ids
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to Inf is refused below
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     declared = _declared_bytes(path)
@@ -161,7 +165,8 @@ def _load_tensor(path: Path):
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"file holds a {type(value).__name__}, not a tensor or a dict of "
                          "named tensors")
-    return _checked(value).detach().to(torch.float32).contiguous()
+    token_ids = value.dtype in (torch.int32, torch.int64)
+    return _checked(value).detach().to(torch.int64 if token_ids else torch.float32).contiguous()
 
 
 def _non_finite(sample) -> bool:

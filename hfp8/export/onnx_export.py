@@ -44,7 +44,12 @@ from hfp8.export.onnx_ops import (
     torch_fp8_dtype,
 )
 from hfp8.numerics.ops import scale_for_bias
-from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
+from hfp8.ptq.quantizers import (
+    layer_state,
+    operand_sites,
+    quantized_layers,
+    weight_bias_buffer,
+)
 
 __all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET", "MAX_OPSET", "MANIFEST_KEY",
            "deployment_form", "capture", "external_data_path", "EXTERNAL_DATA_BYTES"]
@@ -68,20 +73,21 @@ class DequantizedWeight(nn.Module):
         return torch.ops.hfp8.dequantize_weight(codes, self.scale, 0, self.site)
 
 
-def _store_codes(layer: nn.Module, name: str) -> None:
+def _store_codes(layer: nn.Module, name: str, weight_name: str) -> None:
     fmt = layer_state(layer).weight_format
-    weight = layer.weight.detach().float()
-    scale = scale_for_bias(fmt, layer.weight_exponent_bias.cpu())
+    weight = layer.get_parameter(weight_name).detach().float()
+    scale = scale_for_bias(fmt, getattr(layer, weight_bias_buffer(weight_name)).cpu())
     broadcast = scale.reshape(-1, *([1] * (weight.dim() - 1))) if scale.dim() else scale
     base = exportable_base(fmt)
     scaled = weight / broadcast  # exact: a power of two
     codes = scaled.clamp(-base.max_finite, base.max_finite).to(torch_fp8_dtype(fmt))
     if not torch.equal(codes.float() * broadcast, weight):
-        raise ExportError(f"weights of {name!r} are not on the {fmt.name} grid; was the model "
-                          "modified after quantize_model?")
-    del layer._parameters["weight"]
-    layer.register_buffer("weight", codes)
-    parametrize.register_parametrization(layer, "weight", DequantizedWeight(scale, name),
+        raise ExportError(f"weights of {name!r} ({weight_name}) are not on the {fmt.name} grid; "
+                          "was the model modified after quantize_model?")
+    del layer._parameters[weight_name]
+    layer.register_buffer(weight_name, codes)
+    site = name if weight_name == "weight" else f"{name}.{weight_name}"
+    parametrize.register_parametrization(layer, weight_name, DequantizedWeight(scale, site),
                                          unsafe=True)
 
 
@@ -98,7 +104,8 @@ def deployment_form(qmodel: nn.Module) -> nn.Module:
                 except UnsupportedFormatError as error:
                     raise ExportError(str(error)) from None
         if state.weight_format is not None:
-            _store_codes(layer, name)
+            for weight_name in state.weights:
+                _store_codes(layer, name, weight_name)
     for _, site in operand_sites(model).values():
         try:
             exportable_base(site.fmt)

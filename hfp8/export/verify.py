@@ -40,6 +40,7 @@ from hfp8.data.model_io import map_tensors, output_leaves, split_batch
 from hfp8.export import noise_floor, onnx_replay
 from hfp8.numerics.sqnr import sqnr_db
 from hfp8.ptq.points import quant_points
+from hfp8.ptq.recurrent import is_recurrent
 from hfp8.ptq.quantizers import (
     layer_state,
     operand_sites,
@@ -141,18 +142,23 @@ def _abs_layer(layer):
     return copied
 
 
-def _replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers) -> dict:
+def _replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers,
+                   model_inputs: dict) -> dict:
     results = {}
     for name, layer in quantized_layers(qmodel).items():
         if name not in captured:
             results[name] = {"checked": False, "reason": "did not run on the first batch"}
             continue
-        piece = onnx_replay.layer_model(model, name)
+        recurrent = is_recurrent(layer)
+        piece = onnx_replay.layer_model(model, name, many=recurrent)
         if piece is None:
             results[name] = {"checked": False, "reason": "its nodes do not form a one-input, "
                              "one-output piece of the file (shared or split module)"}
             continue
         x = captured[name].float()
+        if recurrent:
+            results[name] = _replay_recurrent(piece, layer, x, providers, model_inputs)
+            continue
         with torch.no_grad():
             expected = layer(x).double()
             magnitude = _abs_layer(layer)(x.abs().double())
@@ -169,6 +175,43 @@ def _replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers) ->
                          "max_abs_diff": float((actual - expected).abs().max()),
                          "max_excess_over_bound": excess}
     return results
+
+
+def _replay_recurrent(piece, layer, x: torch.Tensor, providers, model_inputs: dict) -> dict:
+    """A recurrent layer's piece judged as the whole model is (a sum bound does not follow a
+    recurrence through its gates): its outputs no further from the layer's float64 run than
+    PyTorch's float32 run is (paired over rows of dim 0), or within the float32 floor
+    ``gamma_K``. Each file output is matched to the layer output of its shape (the closest of
+    equal shapes: h_n and c_n). ``model_inputs``: the first batch as the file takes it (a piece
+    may read a model input's shape, as ``h_0``'s batch size)."""
+    exact = copy.deepcopy(layer).double()
+    layer_state(exact).tap = None
+    with torch.no_grad():
+        ours = [t.double() for _, t in output_leaves(layer(x)) if t.is_floating_point()]
+        with noise_floor.counted_terms(exact) as total:
+            truth = [t for _, t in output_leaves(exact(x.double())) if t.is_floating_point()]
+    feed = {piece.graph.input[0].name: x.numpy()}
+    feed.update({v.name: model_inputs[v.name] for v in piece.graph.input[1:]})
+    actual = onnx_replay.run(onnx_replay.session(piece, providers), feed)
+    onnx_errors, torch_errors, worst, largest = [], [], 0.0, 0.0
+    for value in (a.double() for a in actual):
+        candidates = [i for i, t in enumerate(truth) if t.shape == value.shape]
+        if not candidates:
+            return {"checked": False, "reason": f"an output of shape {tuple(value.shape)} in "
+                    "the file matches none of the layer's outputs"}
+        index = min(candidates, key=lambda i: float((value - truth[i]).abs().max()))
+        rows = max(value.shape[0], 1) if value.dim() else 1
+        onnx_errors.extend((value - truth[index]).square().reshape(rows, -1).sum(1).tolist())
+        torch_errors.extend((ours[index] - truth[index]).square().reshape(rows, -1).sum(1).tolist())
+        scale = float(truth[index].square().mean().sqrt()) or 1.0
+        worst = max(worst, float((value - truth[index]).square().mean().sqrt()) / scale)
+        largest = max(largest, float((value - ours[index]).abs().max()))
+    paired = paired_test(onnx_errors, torch_errors)
+    bound = noise_floor.relative_bound(max(total[0], 1))
+    return {"checked": True, "within_bound": bool(paired["passed"] or worst <= bound),
+            "max_abs_diff": largest,
+            "relative_deviation_from_float64": worst, "float32_floor": bound,
+            "paired_passed": paired["passed"]}
 
 
 def _per_sample_errors(candidate: list, baseline: list, size: int) -> np.ndarray:
@@ -221,7 +264,10 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
             for state in (layer_state(m) for m in quantized_layers(qmodel).values()):
                 state.tap = None  # layer inputs of the first batch are enough for the replay
             _install_pair_taps_only(qmodel, pairs)
-        actual = onnx_replay.run(ort_session, onnx_replay.feed(ort_session, qmodel, args, kwargs))
+        inputs = onnx_replay.feed(ort_session, qmodel, args, kwargs)
+        if index == 0:
+            first_inputs = inputs
+        actual = onnx_replay.run(ort_session, inputs)
         if len(actual) != len(leaves):
             raise ValueError(f"{path}: {len(actual)} outputs in the file, {len(leaves)} in PyTorch")
         double = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
@@ -254,7 +300,7 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
     if count < 2:
         raise ValueError("verify_onnx needs at least 2 samples: the whole-model check compares "
                          "per-sample deviations")
-    layers = _replay_layers(model, qmodel, captured, providers)
+    layers = _replay_layers(model, qmodel, captured, providers, first_inputs)
     for result in pairs.results.values():
         result["bit_exact"] = result["mismatches"] == 0
     report = {

@@ -71,6 +71,7 @@ class QuantConfig:
     activation_bias_method: str = "mse"
     keep_first_and_last: bool = True
     quantize_attention: bool = True
+    quantize_recurrent_state: bool = False
     exclude: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] = field(default_factory=tuple)
     num_calibration_batches: int | None = None
@@ -112,7 +113,7 @@ class QuantConfig:
             if not all(isinstance(p, str) and p for p in patterns):
                 raise TypeError(f"{name} must be a sequence of non-empty name patterns")
             object.__setattr__(self, name, patterns)
-        for name in ("keep_first_and_last", "quantize_attention"):
+        for name in ("keep_first_and_last", "quantize_attention", "quantize_recurrent_state"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         batches = self.num_calibration_batches

@@ -11,9 +11,15 @@ over N samples:
   agreement (``argmax z == argmax z_q``) and KL(reference || test) = mean over samples of
   ``sum_k p_k (log p_k - log q_k)``, ``p = softmax(z)``, ``q = softmax(z_q)``, in nats.
   (A 2-D regression output is shaped like logits too; read these two only where it is one.)
+
+For causal language models, :func:`perplexity`: ``exp`` of the mean next-token negative
+log-likelihood ``-log softmax(logits[:, t])[tokens[:, t + 1]]`` (nats) over every predicted
+position, in float64.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -22,7 +28,8 @@ from hfp8.data.batches import calibration_batches, model_device, to_device
 from hfp8.data.model_io import call_model, output_leaves
 from hfp8.numerics.sqnr import sqnr_db
 
-__all__ = ["fidelity", "top1_accuracy", "collect_logits", "compare_outputs", "OutputComparison"]
+__all__ = ["fidelity", "top1_accuracy", "collect_logits", "compare_outputs", "OutputComparison",
+           "perplexity"]
 
 
 def fidelity(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> dict[str, float]:
@@ -128,3 +135,57 @@ def collect_logits(model, batches, quiet: bool = True,
         raise ValueError("no batches to evaluate")
     return torch.cat(outputs)
 
+
+
+def _tokens_and_mask(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token ids of a batch: an integer ``(N, T)`` tensor, a mapping's ``input_ids`` (with
+    its ``attention_mask``, if any), or the first item of a tuple or list."""
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise ValueError(f"perplexity needs token ids: the batch is a mapping without "
+                             f"'input_ids' (keys: {', '.join(map(str, batch))})")
+        return batch["input_ids"], batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)) and batch:
+        return _tokens_and_mask(batch[0])
+    if torch.is_tensor(batch) and not batch.is_floating_point() and batch.dim() == 2:
+        return batch, None
+    raise ValueError("perplexity needs batches of token ids: integer (N, T) tensors, or "
+                     "mappings with 'input_ids'")
+
+
+def _logits(outputs, tokens: torch.Tensor) -> torch.Tensor:
+    for name, leaf in output_leaves(outputs):
+        if leaf.is_floating_point() and leaf.dim() == 3 and leaf.shape[:2] == tokens.shape:
+            return leaf
+    shapes = ", ".join(f"{name} {tuple(leaf.shape)}" for name, leaf in output_leaves(outputs))
+    raise ValueError(f"perplexity needs next-token logits of shape (N, T, vocabulary) for "
+                     f"tokens of shape {tuple(tokens.shape)}; the model returns {shapes}")
+
+
+@torch.no_grad()
+def perplexity(model, batches, quiet: bool = True, description: str = "Perplexity") -> dict:
+    """Next-token perplexity of a causal language model over ``batches`` of token ids (see
+    :func:`_tokens_and_mask`): position ``t`` predicts token ``t + 1``; where an attention mask
+    is given, only pairs whose both tokens are real count. ``model``: a module, or any callable
+    from a CPU batch to outputs (an onnxruntime wrapper). Returns ``perplexity`` (``exp`` of
+    ``mean_nll``), ``mean_nll`` (nats per token) and the counts of ``tokens`` predicted and
+    ``sequences``."""
+    device, run = _runner(model)
+    total, count, sequences = 0.0, 0, 0
+    for batch in calibration_batches(batches, None, device, description, quiet):
+        tokens, mask = _tokens_and_mask(batch)
+        logits = _logits(run(batch), tokens).double()
+        log_probs = logits[:, :-1].log_softmax(-1)
+        targets = tokens[:, 1:].to(log_probs.device)
+        nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if mask is not None:
+            keep = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+            nll = nll[keep.to(nll.device)]
+        total += float(nll.sum())
+        count += nll.numel()
+        sequences += tokens.shape[0]
+    if count == 0:
+        raise ValueError("no token was predicted: perplexity needs sequences of 2 or more tokens")
+    mean = total / count
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": count,
+            "sequences": sequences}

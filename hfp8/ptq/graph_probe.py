@@ -14,8 +14,8 @@ Run on one calibration batch of the float model, with every module hooked and a
   stream carries every block's output to the model output, but only the final block writes
   it; parallel heads all write theirs);
 * the **attention sites**: activation-times-activation matmuls and scaled-dot-product
-  attention calls, by the module whose own forward makes them (see
-  :mod:`hfp8.ptq.quantizers`).
+  attention calls, and the **recurrent sites** (fused LSTM/GRU/RNN kernels and cells), by the
+  module whose own forward makes them (see :mod:`hfp8.ptq.quantizers`).
 
 This is decided by position in the graph, not by module registration order.
 """
@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from hfp8.data.model_io import call_model, output_leaves
 from hfp8.ptq.quantizers import MATMUL_FUNCTIONS, SDPA_FUNCTIONS, is_quantizable
+from hfp8.ptq.recurrent import RECURRENT_FUNCTIONS
 
 __all__ = ["ProbeResult", "probe_model"]
 
@@ -40,7 +41,7 @@ __all__ = ["ProbeResult", "probe_model"]
 class ProbeResult:
     executed: list[str] = field(default_factory=list)  # quantizable layers, first-call order
     predecessors: dict[str, set[str]] = field(default_factory=dict)
-    sites: dict[str, list[str]] = field(default_factory=dict)  # owner -> ["matmul0", "sdpa0"]
+    sites: dict[str, list[str]] = field(default_factory=dict)  # owner -> ["matmul0", "sdpa0", "recurrent0"]
     output_writers: dict[str, set[str]] = field(default_factory=dict)  # output path -> layers
 
     @property
@@ -104,6 +105,8 @@ class _Probe(TorchFunctionMode):
             self._record_site("matmul")
         elif func in SDPA_FUNCTIONS:
             self._record_site("sdpa")
+        elif func in RECURRENT_FUNCTIONS:
+            self._record_site("recurrent")
         origin = self.origin((args, kwargs))
         result = func(*args, **kwargs)
         if origin:

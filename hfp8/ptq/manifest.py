@@ -12,6 +12,7 @@ from hfp8.ptq.quantizers import (
     layer_state,
     operand_sites,
     quantized_layers,
+    weight_bias_buffer,
 )
 
 __all__ = ["build_manifest", "format_manifest", "MANIFEST_VERSION"]
@@ -30,10 +31,14 @@ def _layer_entries(qmodel: nn.Module, report: dict) -> list[dict]:
         if name in quantized:
             state = layer_state(module)
             wf, inf = state.weight_format, state.input_format
+            # one bias (or list per row) for Conv/Linear; a recurrent layer's, per weight matrix
+            biases = {weight: _bias_value(getattr(module, weight_bias_buffer(weight)))
+                      for weight in state.weights}
             entries.append({
                 "name": name, "type": type(module).__name__, "status": "quantized", "reason": None,
                 "weight_format": None if wf is None else format_to_dict(wf),
-                "weight_exponent_bias": None if wf is None else _bias_value(module.weight_exponent_bias),
+                "weight_exponent_bias": None if wf is None else
+                biases["weight"] if state.weights == ("weight",) else biases,
                 "weight": (report.weights or {}).get(name),
                 "input_format": None if inf is None else format_to_dict(inf),
                 "input_exponent_bias": None if inf is None else int(module.input_exponent_bias),
@@ -57,8 +62,8 @@ def _site_entries(qmodel: nn.Module, report: dict) -> list[dict]:
                 for operand in site.operands},
         })
     for name, reason in (report.sites_kept_float or {}).items():
-        entries.append({"name": name, "kind": "sdpa" if ".sdpa" in name or name.startswith("sdpa")
-                        else "matmul", "status": "float", "reason": reason})
+        entries.append({"name": name, "kind": name.rpartition(".")[2].rstrip("0123456789"),
+                        "status": "float", "reason": reason})
     return entries
 
 
@@ -87,6 +92,8 @@ def _format_name(fmt: dict | None, bias) -> str:
     if fmt is None:
         return "float"
     name = f"E{fmt['exponent_bits']}M{fmt['mantissa_bits']}"
+    if isinstance(bias, dict):  # a recurrent layer's weight matrices
+        bias = [b for value in bias.values() for b in (value if isinstance(value, list) else [value])]
     if isinstance(bias, list):
         low, high = min(bias), max(bias)
         return f"{name} b={low}..{high}" if low != high else f"{name} b={low}"
@@ -126,7 +133,8 @@ def _rows(data: dict) -> list[tuple]:
             continue
         for operand, entry in site["operands"].items():
             observer = entry.get("observer") or {}
-            rows.append((f"{site['name']}.{operand}", f"{site['kind']} operand", "-",
+            rows.append((f"{site['name']}.{operand}",
+                         "hidden state" if site["kind"] == "recurrent" else f"{site['kind']} operand", "-",
                          _format_name(site["format"], entry["exponent_bias"]), "-",
                          _percent(observer.get("saturated_fraction")),
                          _percent(observer.get("flushed_fraction")),
@@ -157,10 +165,15 @@ def format_manifest(data: dict) -> str:
     for row in (header, *rows):
         lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     quantized = sum(layer["status"] == "quantized" for layer in data["layers"])
-    sites = data.get("attention") or []
-    summary = f"{quantized} of {len(data['layers'])} Conv/Linear layers quantized"
+    everything = data.get("attention") or []
+    summary = f"{quantized} of {len(data['layers'])} layers quantized"
+    sites = [s for s in everything if s["kind"] != "recurrent"]
     if sites:
         summary += (f"; {sum(s['status'] == 'quantized' for s in sites)} of {len(sites)} "
                     "attention products quantized (softmax, LayerNorm and GELU stay float)")
+    hidden = [s for s in everything if s["kind"] == "recurrent"]
+    if hidden:
+        summary += (f"; {sum(s['status'] == 'quantized' for s in hidden)} of {len(hidden)} "
+                    "recurrent hidden states quantized")
     lines.append(summary)
     return "\n".join(lines)

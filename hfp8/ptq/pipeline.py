@@ -6,8 +6,8 @@ The data flow, in this order, and why:
    flow (first and last layers by graph position) and which attention products exist
    (:mod:`hfp8.ptq.graph_probe`). Layers are then quantized in place
    (:mod:`hfp8.ptq.quantizers`): the model keeps its classes and forward code.
-1. **Weights, round to nearest** (no data needed): each Conv/Linear weight with its own
-   exponent bias, chosen from the weight itself (per tensor or per output channel).
+1. **Weights, round to nearest** (no data needed): each weight matrix (Conv/Linear; a
+   recurrent layer's input, hidden and projection matrices each) with its own exponent bias, chosen from the weight itself (per tensor or per output channel).
 2. **Analysis pass** over the first ``analysis_batches`` batches (:mod:`hfp8.ptq.calibrate`):
    each layer's input second moments and provisional input ranges; past ``MOMENTS_BYTES`` of
    moments, one more pass (moments only) per further group of layers, each group rounded
@@ -66,6 +66,7 @@ from hfp8.ptq.quantizers import (
     is_quantizable,
     operand_sites,
     quantized_layers,
+    weight_bias_buffer,
 )
 from hfp8.ptq.refinement import compensate_weights, keep_sensitive_layers_float
 from hfp8.ptq.report import QuantReport
@@ -102,17 +103,25 @@ def _quantize_weights(qmodel: nn.Module, layer_plan: dict, config: QuantConfig) 
         if reason is not None:
             continue
         layer = qmodel.get_submodule(name)
-        if not torch.isfinite(layer.weight).all():
-            raise ValueError(f"layer {name!r} has NaN or Inf weights; refusing to quantize")
         per_channel = config.weight_granularity == "per_channel"
-        attach_layer(layer, name, config.weight_format, config.activation_format, per_channel)
-        if config.weight_format is not None:
-            bias = _weight_bias(layer.weight.detach(), config)
-            original = layer.weight.detach().clone()
+        state = attach_layer(layer, name, config.weight_format, config.activation_format,
+                             per_channel)
+        if config.weight_format is None:
+            continue
+        originals, rounded = [], []
+        for weight_name in state.weights:
+            weight = layer.get_parameter(weight_name)
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"layer {name!r} has NaN or Inf weights ({weight_name}); "
+                                 "refusing to quantize")
+            bias = _weight_bias(weight.detach(), config)
+            originals.append(weight.detach().clone())
             with torch.no_grad():
-                layer.weight.copy_(quantize_weight(original, config.weight_format, bias))
-                layer.weight_exponent_bias.copy_(torch.as_tensor(bias))
-            summaries[name] = _weight_summary(original, layer.weight.detach())
+                weight.copy_(quantize_weight(originals[-1], config.weight_format, bias))
+                getattr(layer, weight_bias_buffer(weight_name)).copy_(torch.as_tensor(bias))
+            rounded.append(weight.detach().reshape(-1))
+        summaries[name] = _weight_summary(torch.cat([w.reshape(-1) for w in originals]),
+                                          torch.cat(rounded))
     return summaries
 
 
@@ -121,8 +130,7 @@ def attach_planned_sites(qmodel: nn.Module, site_plan: dict, probe: ProbeResult,
     in ``config.activation_format``, to their owners found by ``probe``."""
     for owner, locals_ in probe.sites.items():
         chosen = [OperandSite(f"{owner}.{local}" if owner else local, local,
-                              "matmul" if local.startswith("matmul") else "sdpa",
-                              config.activation_format)
+                              local.rstrip("0123456789"), config.activation_format)
                   for local in locals_ if site_plan[f"{owner}.{local}" if owner else local] is None]
         if chosen:
             attach_sites(qmodel.get_submodule(owner), chosen)
@@ -153,7 +161,8 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be an hfp8.QuantConfig, got {type(config).__name__}")
     if not any(is_quantizable(m) for m in model.modules()):
-        raise ValueError("the model has no Conv1d/2d/3d or Linear layer to quantize")
+        raise ValueError("the model has no Conv1d/2d/3d, Linear or recurrent (LSTM/GRU/RNN) "
+                         "layer to quantize")
     for name, bn in batchnorm_layers(model).items():
         if not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()):
             raise ValueError(f"BatchNorm {name!r} has NaN or Inf running statistics; refusing to "

@@ -1,4 +1,4 @@
-"""Which Conv/Linear layers and attention sites to quantize, before any data-driven choice:
+"""Which Conv/Linear/recurrent layers and attention and recurrent sites to quantize, before any data-driven choice:
 the user's patterns, the first/last policy (by position in the data flow), and layers whose
 weight cannot be rounded in place."""
 
@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from hfp8.ptq.config import QuantConfig
 from hfp8.ptq.graph_probe import ProbeResult
-from hfp8.ptq.quantizers import is_quantizable
+from hfp8.ptq.quantizers import is_quantizable, weight_names
 
 __all__ = ["plan_quantization", "FIRST_REASON", "LAST_REASON"]
 
@@ -20,9 +20,11 @@ LAST_REASON = "last layer: writes a model output (kept in full precision by defa
 
 
 def _weight_problem(layer: nn.Module) -> str | None:
-    if parametrize.is_parametrized(layer, "weight") or not isinstance(
-            layer._parameters.get("weight"), nn.Parameter):
-        return "its weight is computed in forward (a parametrization or hook), not a Parameter"
+    for name in weight_names(layer):
+        if parametrize.is_parametrized(layer, name) or not isinstance(
+                layer._parameters.get(name), nn.Parameter):
+            return f"its {name} is computed in forward (a parametrization or hook), not a " \
+                   "Parameter"
     return None
 
 
@@ -35,6 +37,8 @@ def plan_quantization(model: nn.Module, config: QuantConfig,
     for owner, locals_ in probe.sites.items():
         for local in locals_:
             name = f"{owner}.{local}" if owner else local
+            if local.startswith("recurrent"):
+                continue  # decided with its layer, below
             sites[name] = None if config.quantize_attention and config.activation_format \
                 else "attention products not quantized (quantize_attention=False or no " \
                      "activation format)"
@@ -62,4 +66,18 @@ def plan_quantization(model: nn.Module, config: QuantConfig,
                 plan[name] = FIRST_REASON
             elif plan is layers and config.keep_first_and_last and name in last:
                 plan[name] = LAST_REASON
+    for owner, locals_ in probe.sites.items():  # a hidden state is rounded only in a quantized layer
+        for local in locals_:
+            if local.startswith("recurrent"):
+                sites[f"{owner}.{local}" if owner else local] = _recurrent_reason(
+                    config, layers.get(owner, "not a quantizable layer"))
     return layers, sites
+
+
+def _recurrent_reason(config: QuantConfig, layer_reason: str | None) -> str | None:
+    if layer_reason is not None:
+        return "its layer stays float"
+    if not config.quantize_recurrent_state or config.activation_format is None:
+        return "hidden state not quantized (quantize_recurrent_state=False or no activation " \
+               "format): the fused kernel and the ONNX LSTM/GRU operator keep it float"
+    return None

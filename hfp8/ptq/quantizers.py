@@ -1,13 +1,15 @@
 """How a layer gets its FP8 steps, in place, without replacing its forward.
 
-**Conv1d/2d/3d and Linear** (found by ``isinstance``, subclasses with their own forward
-included) keep their class and forward. Quantizing one adds:
+**Conv1d/2d/3d, Linear and recurrent layers** (``nn.LSTM``/``GRU``/``RNN`` and their cells;
+found by ``isinstance``, subclasses with their own forward included) keep their class and
+forward. Quantizing one adds:
 
-* ``weight`` (the same Parameter) holds the rounded values ``fq(w; weight_exponent_bias)``, so
-  whatever the forward does with ``self.weight`` uses the FP8 weight; int64 buffer
-  ``weight_exponent_bias``, shape ``()`` or ``(out_channels,)``;
-* a forward pre-hook that rounds the layer's input (its first argument) with
-  ``hfp8::quantize_dequantize`` at int64 buffer ``input_exponent_bias``;
+* each weight matrix (:func:`hfp8.ptq.recurrent.weight_names`: ``weight``, or a recurrent
+  layer's ``weight_ih_l0``, ``weight_hh_l0``, ...; the same Parameters) holds the rounded values
+  ``fq(w; {weight}_exponent_bias)``, so whatever the forward does with them uses the FP8
+  weights; one int64 buffer ``{weight}_exponent_bias`` per matrix, shape ``()`` or ``(rows,)``;
+* a forward pre-hook that rounds the layer's input (its first argument; a packed sequence's
+  data) with ``hfp8::quantize_dequantize`` at int64 buffer ``input_exponent_bias``;
 * a plain attribute ``hfp8_quantization`` (:class:`LayerQuantization`): formats and the
   temporary observer/tap slots.
 
@@ -16,7 +18,9 @@ included) keep their class and forward. Quantizing one adds:
 makes the call: site ``{module}.matmul{k}`` is its k-th activation-activation matmul per call
 (operands ``left``, ``right``), ``{module}.sdpa{k}`` its k-th attention call, computed by the
 definition with ``query``, ``key``, softmax ``probs`` and ``value`` rounded (softmax itself stays
-float). The owner gets a buffer ``{local}_{operand}_exponent_bias`` per operand, an attribute
+float). A recurrent layer's hidden state is a site too: ``{module}.recurrent0``, operand
+``hidden``, the fused kernel's call computed by definition with the hidden state rounded where a
+weight product reads it (:mod:`hfp8.ptq.recurrent`); a cell's kernel runs on its rounded ``h``. The owner gets a buffer ``{local}_{operand}_exponent_bias`` per operand, an attribute
 ``hfp8_sites`` and pre/post hooks that keep a ``TorchFunctionMode`` active while it runs; the
 mode rounds the operands of exactly those calls. Matmuls with a Parameter operand are weights,
 not attention, and are left alone.
@@ -34,21 +38,31 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from hfp8.numerics.formats import FloatFormat
 from hfp8.numerics.ops import scale_for_bias
+from hfp8.ptq.recurrent import (
+    CELL_FUNCTIONS,
+    RECURRENT_FUNCTIONS,
+    RECURRENT_TYPES,
+    recurrence_by_definition,
+    round_cell_hidden,
+    weight_names,
+)
 
 __all__ = ["QUANTIZABLE_TYPES", "LayerQuantization", "OperandSite", "quantize_point",
            "attach_layer", "detach_layer", "attach_sites", "quantized_layers", "operand_sites",
            "is_quantizable", "MATMUL_FUNCTIONS", "SDPA_FUNCTIONS", "SDPA_OPERANDS",
-           "MATMUL_OPERANDS"]
+           "MATMUL_OPERANDS", "RECURRENT_OPERANDS", "weight_bias_buffer", "weight_names"]
 
-QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *RECURRENT_TYPES)
 LAYER_ATTRIBUTE = "hfp8_quantization"
 SITES_ATTRIBUTE = "hfp8_sites"
 MATMUL_OPERANDS = ("left", "right")
 SDPA_OPERANDS = ("query", "key", "probs", "value")
+RECURRENT_OPERANDS = ("hidden",)
 MATMUL_FUNCTIONS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
                     torch.Tensor.bmm, torch.Tensor.__rmatmul__}
 SDPA_FUNCTIONS = {nn.functional.scaled_dot_product_attention}
@@ -58,9 +72,15 @@ def is_quantizable(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZABLE_TYPES)
 
 
+def weight_bias_buffer(weight: str) -> str:
+    """The int64 buffer holding weight matrix ``weight``'s exponent bias(es)."""
+    return f"{weight}_exponent_bias"
+
+
 @dataclass(eq=False)
 class LayerQuantization:
-    """The ``hfp8_quantization`` attribute of a quantized Conv/Linear layer."""
+    """The ``hfp8_quantization`` attribute of a quantized layer; ``weights``: its weight
+    matrices' names."""
 
     name: str
     weight_format: FloatFormat | None
@@ -68,11 +88,13 @@ class LayerQuantization:
     observer: object | None = None
     tap: Callable | None = None
     trainer: Callable | None = None  # while training: rounds forward and backward (hfp8.training)
+    weights: tuple[str, ...] = ("weight",)
 
 
 @dataclass(eq=False)
 class OperandSite:
-    """One attention product: ``kind`` "matmul" or "sdpa", rounded with ``fmt``."""
+    """One attention product (``kind`` "matmul" or "sdpa") or a recurrent layer's hidden state
+    (``kind`` "recurrent"), rounded with ``fmt``."""
 
     name: str
     local: str  # name within the owner, e.g. "matmul0"
@@ -84,7 +106,8 @@ class OperandSite:
 
     @property
     def operands(self) -> tuple[str, ...]:
-        return MATMUL_OPERANDS if self.kind == "matmul" else SDPA_OPERANDS
+        return {"matmul": MATMUL_OPERANDS, "sdpa": SDPA_OPERANDS,
+                "recurrent": RECURRENT_OPERANDS}[self.kind]
 
     def bias_buffer(self, operand: str) -> str:
         return f"{self.local}_{operand}_exponent_bias"
@@ -111,45 +134,56 @@ def quantize_point(x: torch.Tensor, fmt: FloatFormat | None, exponent_bias: torc
 # -- Conv / Linear ----------------------------------------------------------------------------
 def _quantize_layer_input(module, args, kwargs):
     state: LayerQuantization = getattr(module, LAYER_ATTRIBUTE)
-    point = lambda x: quantize_point(x, state.input_format, module.input_exponent_bias,  # noqa: E731
-                                     state.name, state.observer, state.tap, state.trainer)
+
+    def point(x):
+        if isinstance(x, PackedSequence):  # a recurrent layer's packed input: its data
+            return x._replace(data=point(x.data))
+        return quantize_point(x, state.input_format, module.input_exponent_bias, state.name,
+                              state.observer, state.tap, state.trainer)
     if args:
         return (point(args[0]), *args[1:]), kwargs
     for key, value in kwargs.items():  # forward(input=...) called by keyword
-        if torch.is_tensor(value):
+        if torch.is_tensor(value) or isinstance(value, PackedSequence):
             return args, {**kwargs, key: point(value)}
     return args, kwargs
 
 
 def attach_layer(module: nn.Module, name: str, weight_format: FloatFormat | None,
                  input_format: FloatFormat | None, per_channel: bool) -> LayerQuantization:
-    """Give ``module`` (a Conv/Linear) its buffers, pre-hook and state; biases start at the
-    formats' own. The weight is not touched here (see :func:`hfp8.ptq.pipeline`)."""
+    """Give ``module`` (a Conv/Linear or recurrent layer) its buffers, pre-hook and state;
+    biases start at the formats' own. The weights are not touched here (see
+    :func:`hfp8.ptq.pipeline`)."""
     if hasattr(module, LAYER_ATTRIBUTE):
         raise ValueError(f"layer {name!r} is already quantized")
-    device = module.weight.device
-    shape = (module.weight.shape[0],) if per_channel else ()
-    module.register_buffer("weight_exponent_bias", torch.full(
-        shape, weight_format.exponent_bias if weight_format else 0, dtype=torch.int64, device=device))
+    weights = weight_names(module)
+    device = module.get_parameter(weights[0]).device
+    for weight in weights:
+        shape = (module.get_parameter(weight).shape[0],) if per_channel else ()
+        module.register_buffer(weight_bias_buffer(weight), torch.full(
+            shape, weight_format.exponent_bias if weight_format else 0, dtype=torch.int64,
+            device=device))
     module.register_buffer("input_exponent_bias", torch.tensor(
         input_format.exponent_bias if input_format else 0, dtype=torch.int64, device=device))
-    state = LayerQuantization(name, weight_format, input_format)
+    state = LayerQuantization(name, weight_format, input_format, weights=weights)
     setattr(module, LAYER_ATTRIBUTE, state)
     module.register_forward_pre_hook(_quantize_layer_input, with_kwargs=True)
     return state
 
 
-def detach_layer(module: nn.Module, float_weight: torch.Tensor) -> None:
-    """Undo :func:`attach_layer`: the float weight back, buffers, hook and state removed."""
+def detach_layer(module: nn.Module, float_module: nn.Module) -> None:
+    """Undo :func:`attach_layer`: the float weights back (from ``float_module``, the same layer
+    of the float model), buffers, hook and state removed."""
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook is _quantize_layer_input:  # ours, found by identity (handles do not survive copies)
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
-    for name in ("weight_exponent_bias", "input_exponent_bias"):
+    weights = layer_state(module).weights
+    for name in (*map(weight_bias_buffer, weights), "input_exponent_bias"):
         del module._buffers[name]
     delattr(module, LAYER_ATTRIBUTE)
     with torch.no_grad():
-        module.weight.copy_(float_weight)
+        for weight in weights:
+            module.get_parameter(weight).copy_(float_module.get_parameter(weight))
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -234,6 +268,13 @@ class _SiteMode(TorchFunctionMode):
                 return attention_by_definition(
                     *args, **kwargs,
                     round_operand=lambda name, x: _point(owner, site, name, x))
+        elif func in RECURRENT_FUNCTIONS:
+            owner, site = _site_for("recurrent")
+            if site is not None:
+                round_hidden = lambda x: _point(owner, site, "hidden", x)  # noqa: E731
+                if func in CELL_FUNCTIONS:
+                    return round_cell_hidden(func, args, kwargs, round_hidden)
+                return recurrence_by_definition(func, args, kwargs, round_hidden)
         return func(*args, **kwargs)
 
 

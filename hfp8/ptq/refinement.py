@@ -67,6 +67,6 @@ def keep_sensitive_layers_float(qmodel: nn.Module, model: nn.Module, batches,
     chosen = set(choose_float_layers(sensitivity, costs, config.float_budget,
                                      config.target_sqnr_db))
     for name in chosen:
-        detach_layer(qmodel.get_submodule(name), model.get_submodule(name).weight.detach())
+        detach_layer(qmodel.get_submodule(name), model.get_submodule(name))
     return {name: {"nsr": sensitivity[name], "sqnr_db": predicted_sqnr_db(sensitivity[name]),
                    "cost": costs[name], "float": name in chosen} for name in names}

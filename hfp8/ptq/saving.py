@@ -23,7 +23,14 @@ from hfp8._files import atomic_write
 from hfp8._report import MANIFEST_KEY, REPORT_ATTRIBUTE
 from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq.config import QuantConfig, format_from_dict
-from hfp8.ptq.quantizers import OperandSite, attach_layer, attach_sites, is_quantizable
+from hfp8.ptq.quantizers import (
+    OperandSite,
+    attach_layer,
+    attach_sites,
+    is_quantizable,
+    weight_bias_buffer,
+    weight_names,
+)
 from hfp8.ptq.report import QuantReport, manifest
 
 __all__ = ["save_quantized", "load_quantized", "read_manifest", "QuantizedFileError",
@@ -104,14 +111,14 @@ def check_manifest(data, path="manifest") -> dict:
             _format(layer.get("weight_format"), path, f"layer {layer['name']!r} weight")
             _format(layer.get("input_format"), path, f"layer {layer['name']!r} input")
             bias = layer.get("weight_exponent_bias")
-            _require(bias is None or isinstance(bias, int) or (
-                isinstance(bias, list) and all(isinstance(b, int) for b in bias)), path,
-                f"layer {layer['name']!r} weight bias")
+            _require(bias is None or _is_bias(bias) or (
+                isinstance(bias, dict) and bias and all(_is_bias(b) for b in bias.values())),
+                path, f"layer {layer['name']!r} weight bias")
     sites = data.get("attention") or []
     _require(isinstance(sites, list), path, "'attention' is not a list")
     for index, site in enumerate(sites):
         _require(isinstance(site, dict) and isinstance(site.get("name"), str)
-                 and site.get("kind") in ("matmul", "sdpa")
+                 and site.get("kind") in ("matmul", "sdpa", "recurrent")
                  and site.get("status") in ("quantized", "float"), path,
                  f"attention site {index} needs a name, kind and status")
         if site["status"] == "quantized":
@@ -124,6 +131,11 @@ def check_manifest(data, path="manifest") -> dict:
     metadata = data.get("metadata")
     _require(metadata is None or isinstance(metadata, dict), path, "'metadata' is not an object")
     return data
+
+
+def _is_bias(bias) -> bool:
+    """One weight matrix's bias in a manifest: an int, or a list of ints (per row)."""
+    return isinstance(bias, int) or (isinstance(bias, list) and all(isinstance(b, int) for b in bias))
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -151,9 +163,11 @@ def _apply(qmodel: nn.Module, data: dict, path) -> dict:
         if not is_quantizable(module):
             raise QuantizedFileError(f"{path}: layer {name!r} is a {type(module).__name__} in this "
                                      f"model but was a {layer.get('type')} when quantized")
+        bias = layer.get("weight_exponent_bias")
+        per_channel = isinstance(bias, list) or (
+            isinstance(bias, dict) and any(isinstance(b, list) for b in bias.values()))
         attach_layer(module, name, format_from_dict(layer["weight_format"]),
-                     format_from_dict(layer["input_format"]),
-                     per_channel=isinstance(layer.get("weight_exponent_bias"), list))
+                     format_from_dict(layer["input_format"]), per_channel=per_channel)
     owners: dict[str, list[OperandSite]] = {}
     for site in data.get("attention") or []:
         if site["status"] != "quantized":
@@ -191,9 +205,11 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             continue
         module = qmodel.get_submodule(layer["name"])
         fmt = format_from_dict(layer["weight_format"])
-        if not torch.equal(quantize_weight(module.weight.detach(), fmt,
-                                           module.weight_exponent_bias), module.weight.detach()):
-            raise QuantizedFileError(f"{path}: weights of {layer['name']!r} are not on the "
-                                     f"{fmt.name} grid; the file is damaged")
+        for weight_name in weight_names(module):
+            weight = module.get_parameter(weight_name).detach()
+            bias = getattr(module, weight_bias_buffer(weight_name))
+            if not torch.equal(quantize_weight(weight, fmt, bias), weight):
+                raise QuantizedFileError(f"{path}: weights of {layer['name']!r} are not on the "
+                                         f"{fmt.name} grid; the file is damaged")
     setattr(qmodel, REPORT_ATTRIBUTE, QuantReport.from_manifest(data, kept_float))
     return qmodel

@@ -26,26 +26,38 @@ import math
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from hfp8 import distributed
 from hfp8.data.batches import calibration_batches, current_batch, model_device
-from hfp8.data.model_io import call_model, output_leaves, slice_batch
+from hfp8.data.model_io import batch_size, call_model, output_leaves, slice_batch
 from hfp8.numerics.sqnr import sqnr_db
+from hfp8.ptq.recurrent import is_recurrent, weight_names
 
 __all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db"]
 
 
+def _weight_count(module: nn.Module) -> int:
+    return sum(module.get_parameter(name).numel() for name in weight_names(module))
+
+
 def layer_costs(model: nn.Module, names: list[str], batch, unit: str) -> dict[str, float]:
-    """Cost of each layer: its weight count, or its multiply-accumulates on one sample."""
+    """Cost of each layer: its weight count, or its multiply-accumulates on one sample (a
+    recurrent layer: its weights once per step of the first output, per sequence)."""
     if unit == "weights":
-        return {name: float(model.get_submodule(name).weight.numel()) for name in names}
+        return {name: float(_weight_count(model.get_submodule(name))) for name in names}
     macs = {}
+    samples = max(batch_size(batch), 1)
 
     def count(name):
         def hook(module, args, output):
-            per_output = module.weight[0].numel()  # in/groups x kernel products per output value
-            macs[name] = macs.get(name, 0.0) + per_output * output[0].numel()
+            if is_recurrent(module):
+                first = _float_leaves(output)[0]  # (steps, batch, features) or packed (rows, features)
+                per_sample = _weight_count(module) * first[..., 0].numel() / samples
+            else:  # in/groups x kernel products per output value, on the first sample
+                per_sample = module.weight[0].numel() * output[0].numel()
+            macs[name] = macs.get(name, 0.0) + per_sample
         return hook
     handles = [model.get_submodule(n).register_forward_hook(count(n)) for n in names]
     try:
@@ -55,6 +67,11 @@ def layer_costs(model: nn.Module, names: list[str], batch, unit: str) -> dict[st
         for handle in handles:
             handle.remove()
     return {name: macs.get(name, 0.0) for name in names}
+
+
+def _float_leaves(value) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(value)
+    return [leaf for leaf in leaves if torch.is_tensor(leaf) and leaf.is_floating_point()]
 
 
 def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], batches,
@@ -99,12 +116,22 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
 
     def inject(name):
         def hook(module, args, output):
+            leaves, spec = tree_flatten(output)
+            # one scalar per row of dim 0 of each float output (a recurrent layer's sequence
+            # and its final states alike)
+            floats = [i for i, leaf in enumerate(leaves)
+                      if torch.is_tensor(leaf) and leaf.is_floating_point()]
             with torch.no_grad():
-                noise = quantized[name](*args) - output
-            scale = torch.zeros(output.shape[0], device=output.device, requires_grad=True)
+                noises = [q - leaves[i] for i, q in
+                          zip(floats, _float_leaves(quantized[name](*args)))]
+            rows = [leaves[i].shape[0] if leaves[i].dim() else 1 for i in floats]
+            scale = torch.zeros(sum(rows), device=noises[0].device, requires_grad=True)
             scales[name] = scale
             bar.update(1)
-            return output + scale.view(-1, *([1] * (output.dim() - 1))) * noise
+            for i, part, noise in zip(floats, scale.split(rows), noises):
+                shape = (-1, *([1] * (noise.dim() - 1))) if noise.dim() else ()
+                leaves[i] = leaves[i] + part.reshape(shape) * noise
+            return tree_unflatten(leaves, spec)
         return hook
     handles = [reference.get_submodule(n).register_forward_hook(inject(n)) for n in names]
     try:

@@ -24,15 +24,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hfp8.numerics.bias_selection import select_exponent_bias
 from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
-from hfp8.ptq.quantizers import layer_state, operand_sites, quantized_layers
+from hfp8.ptq.quantizers import (
+    layer_state,
+    operand_sites,
+    quantized_layers,
+    weight_bias_buffer,
+)
 from hfp8.ptq.report import QuantReport, report_of
 from hfp8.training.config import TrainingConfig
 from hfp8.training.rounding import (
@@ -60,6 +67,16 @@ class _RoundedWeight(nn.Module):
                                                   self.bias_buffer.dim() == 1)
             self.bias_buffer.copy_(bias)
         return round_weight(master, rounded)
+
+
+def _round_output_gradients(output, rounder):
+    """A layer's output with its gradient rounded; a recurrent layer's tuple of outputs, each
+    float tensor's."""
+    if torch.is_tensor(output):
+        return round_gradient(output, rounder)
+    leaves, spec = tree_flatten(output)
+    return tree_unflatten([round_gradient(leaf, rounder) if torch.is_tensor(leaf)
+                           and leaf.is_floating_point() else leaf for leaf in leaves], spec)
 
 
 def _round_at_chosen_bias(weight: torch.Tensor, fmt, method: str, per_channel: bool):
@@ -174,15 +191,17 @@ def prepare_training(model: nn.Module, example_batch=None,
         state = layer_state(layer)
         state.weight_format = state.input_format = forward
         if forward is not None:
-            parametrize.register_parametrization(
-                layer, "weight", _RoundedWeight(forward, config.weight_bias_method,
-                                                layer.weight_exponent_bias))
+            for weight_name in state.weights:
+                parametrize.register_parametrization(
+                    layer, weight_name, _RoundedWeight(
+                        forward, config.weight_bias_method,
+                        getattr(layer, weight_bias_buffer(weight_name))))
         state.trainer = _PointTrainer(forward, training.rounder(f"{name}.input"), config.history,
                                       layer.input_exponent_bias)
         output = training.rounder(f"{name}.output")
         if output is not None:
             training.handles.append(layer.register_forward_hook(
-                lambda module, args, y, output=output: round_gradient(y, output)))
+                lambda module, args, y, output=output: _round_output_gradients(y, output)))
     for site_name, (owner, site) in operand_sites(tmodel).items():
         site.fmt = forward or site.fmt
         for operand in site.operands:
@@ -200,8 +219,9 @@ def finish_training(training: HybridTraining, calibration=None, quiet: bool = Tr
         handle.remove()
     for layer in quantized_layers(tmodel).values():
         layer_state(layer).trainer = None
-        if parametrize.is_parametrized(layer, "weight"):
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        for weight_name in layer_state(layer).weights:
+            if parametrize.is_parametrized(layer, weight_name):
+                parametrize.remove_parametrizations(layer, weight_name, leave_parametrized=False)
     for _, site in operand_sites(tmodel).values():
         site.trainers.clear()
     return _deployable(tmodel, training, calibration, quiet)
@@ -214,7 +234,7 @@ def deployable_snapshot(training: HybridTraining, like: nn.Module, calibration=N
     touched. (A deep copy of the parametrized model would share its generated classes, and
     finishing it would strip the original's parametrizations.)"""
     model = copy.deepcopy(like).eval()  # a caller's model in train mode: BN statistics stay
-    state = {key.replace(".parametrizations.weight.original", ".weight"): value.detach()
+    state = {re.sub(r"\.parametrizations\.(\w+)\.original$", r".\1", key): value.detach()
              for key, value in training.model.state_dict().items()}
     model.load_state_dict(state, strict=True)
     return _deployable(model, training, calibration, quiet)
@@ -227,13 +247,16 @@ def _deployable(tmodel: nn.Module, training: HybridTraining, calibration, quiet:
 
     for layer in quantized_layers(tmodel).values():
         state = layer_state(layer)
-        if state.weight_format is not None:
-            rounded, bias = _round_at_chosen_bias(layer.weight.detach(), state.weight_format,
+        if state.weight_format is None:
+            continue
+        for weight_name in state.weights:
+            weight, buffer = layer.get_parameter(weight_name), getattr(layer, weight_bias_buffer(weight_name))
+            rounded, bias = _round_at_chosen_bias(weight.detach(), state.weight_format,
                                                   training.config.weight_bias_method,
-                                                  layer.weight_exponent_bias.dim() == 1)
+                                                  buffer.dim() == 1)
             with torch.no_grad():
-                layer.weight.copy_(rounded)
-                layer.weight_exponent_bias.copy_(bias)
+                weight.copy_(rounded)
+                buffer.copy_(bias)
     report = report_of(tmodel)
     if calibration is not None:
         quant = dataclasses.replace(QuantConfig.from_dict(report.config), bn_recalibration="none")

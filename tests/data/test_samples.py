@@ -130,6 +130,14 @@ def test_tensor_files_are_used_as_is(tmp_path):
                        .reshape(3, 2, 2))
 
 
+def test_int32_and_int64_tensor_files_are_token_ids_and_stay_integers(tmp_path):
+    np.save(tmp_path / "a.npy", np.array([5, 0, 91], dtype=np.int32))
+    torch.save(torch.tensor([7, 8, 2**40]), tmp_path / "b.pt")
+    (batch,) = list(SampleFolder(tmp_path, SampleConfig(batch_size=2)))
+    assert batch.dtype == torch.int64
+    assert batch.tolist() == [[5, 0, 91], [7, 8, 2**40]]
+
+
 def test_batching_and_reiteration(tmp_path):
     arrays = _write_npy(tmp_path, 10)
     folder = SampleFolder(tmp_path, SampleConfig(batch_size=4))

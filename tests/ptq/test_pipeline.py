@@ -119,7 +119,7 @@ def test_bad_calibration_and_models_are_refused_clearly():
         hfp8.quantize_model(model, [], quiet=True)
     with pytest.raises(TypeError, match="nn.Module"):
         hfp8.quantize_model("model.pt", calibration_batches(1))
-    with pytest.raises(ValueError, match="no Conv1d/2d/3d or Linear"):
+    with pytest.raises(ValueError, match="no Conv1d/2d/3d, Linear or recurrent"):
         hfp8.quantize_model(nn.Sequential(nn.ReLU()), calibration_batches(1))
     broken = trained("mlp")
     with torch.no_grad():

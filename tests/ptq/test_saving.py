@@ -71,7 +71,7 @@ def test_manifest_contents(tmp_path):
     assert observer["values_seen"] == 96 * 16 * 8 * 8
     text = hfp8.format_manifest(data)
     assert "1.0" in text and "first layer: reads the model input" in text and "BN re-estimation: shift" in text
-    assert f"{sum(layer['status'] == 'quantized' for layer in data['layers'])} of 5 Conv/Linear layers quantized" in text
+    assert f"{sum(layer['status'] == 'quantized' for layer in data['layers'])} of 5 layers quantized" in text
 
 
 def test_manifest_records_a_later_batchnorm_re_estimation(tmp_path):

@@ -187,3 +187,36 @@ def test_a_snapshot_mid_training_is_what_finishing_would_return_and_training_can
     assert set(state) == set(snapshot.state_dict())
     assert all(torch.equal(state[k], v) for k, v in snapshot.state_dict().items())
     assert torch.equal(finished(batches[0]), snapshot(batches[0]))
+
+
+def test_recurrent_layer_trains_with_rounded_weights_and_finishes_on_the_grid():
+    """A two-layer bidirectional LSTM: each of its 8 weight matrices is rounded in the forward
+    pass (torch's float8 cast is the reference), gets a gradient, and ends on its grid."""
+    from hfp8.ptq.quantizers import weight_bias_buffer
+    from hfp8.training import finish_training
+    from tests.small_models import digits
+
+    model = trained("lstm")
+    x, y = digits()[0][:64], digits()[1][:64]
+    tmodel, training = prepare_training(model, x)
+    layer = tmodel.rnn
+    names = [n for n, _ in model.rnn.named_parameters() if n.startswith("weight_")]
+    for name in names:
+        master = getattr(layer.parametrizations, name).original
+        bias = int(getattr(layer, weight_bias_buffer(name)))
+        assert torch.equal(getattr(layer, name),
+                           _cast(master.detach(), torch.float8_e4m3fn, bias, 7))
+    optimizer = torch.optim.SGD(tmodel.parameters(), lr=1e-2)
+    loss = nn.functional.cross_entropy(tmodel(x), y)
+    loss.backward()
+    for name in names:
+        gradient = getattr(layer.parametrizations, name).original.grad
+        # the head reads the last step only: there the second layer's backward direction has
+        # taken its first step, from h_0 = 0, so its W_hh gets a zero gradient
+        assert gradient is not None and (name == "weight_hh_l1_reverse") == (gradient.abs().sum() == 0)
+    optimizer.step()
+    finished = finish_training(training)
+    for name in names:
+        weight = finished.rnn.get_parameter(name).detach()
+        bias = int(getattr(finished.rnn, weight_bias_buffer(name)))
+        assert torch.equal(weight, _cast(weight, torch.float8_e4m3fn, bias, 7))

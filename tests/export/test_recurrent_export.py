@@ -1,0 +1,85 @@
+"""Recurrent models exported and verified in a default onnxruntime session: the ONNX LSTM/GRU
+operator fed by FP8 weight initializers (hidden state float, the default), and the unrolled
+graph when the hidden state is rounded."""
+
+import collections
+import warnings
+
+import onnx
+import pytest
+import torch
+
+import hfp8
+from hfp8.export.verify import passed
+from tests.small_models import calibration_batches, digits, trained
+
+
+def _quantized(name, **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hfp8.quantize_model(trained(name), calibration_batches(3), hfp8.QuantConfig(
+            keep_first_and_last=False, float_budget=0, **config), quiet=True)
+
+
+def _dequantized_weights(model: onnx.ModelProto) -> set[str]:
+    """Names of FLOAT8E4M3FN initializers read by a DequantizeLinear."""
+    fp8 = {t.name for t in model.graph.initializer
+           if t.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+    return {n.input[0] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in fp8}
+
+
+def _reaches(model: onnx.ModelProto, start: set[str], op_type: str) -> bool:
+    """Does a value in ``start`` flow into a node of ``op_type``?"""
+    readers = collections.defaultdict(list)
+    for node in model.graph.node:
+        for value in node.input:
+            readers[value].append(node)
+    todo, seen = list(start), set()
+    while todo:
+        value = todo.pop()
+        for node in readers[value]:
+            if node.op_type == op_type:
+                return True
+            if node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.output)
+    return False
+
+
+def _verify(qmodel, path, name):
+    test_x = digits()[2][:128]
+    report = hfp8.verify_onnx(qmodel, path, list(test_x.split(64)), reference=trained(name))
+    assert report["bit_exact"], report["pairs"]
+    layer = report["layers"]["rnn"]
+    assert layer["checked"] and layer["within_bound"], layer
+    assert all(r["checked"] and r["within_bound"] for r in report["layers"].values())
+    assert report["whole_model"]["passed"] and passed(report)
+    return report
+
+
+@pytest.mark.parametrize("name,operator", [("lstm", "LSTM"), ("gru", "GRU")])
+def test_bidirectional_two_layer_model_exports_as_the_onnx_operator_and_verifies(
+        tmp_path, name, operator):
+    qmodel = _quantized(name)
+    path = tmp_path / f"{name}.onnx"
+    model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops[operator] == 2  # one per layer, both directions in each
+    weights = _dequantized_weights(model)
+    # front, head and the 8 recurrent matrices (ih, hh x 2 layers x 2 directions), 1 byte each
+    assert len(weights) == 10
+    assert _reaches(model, weights, operator)
+    report = _verify(qmodel, path, name)
+    assert "rnn" in report["pairs"]
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn"])
+def test_rounded_hidden_state_exports_unrolled_and_verifies(tmp_path, name):
+    qmodel = _quantized(name, quantize_recurrent_state=True)
+    path = tmp_path / f"{name}.onnx"
+    model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert not ops["LSTM"] and not ops["GRU"] and not ops["RNN"]
+    report = _verify(qmodel, path, name)
+    assert report["pairs"]["rnn.recurrent0.hidden"]["values"] > 0
