@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--weights-only", action="store_true", help="keep layer inputs in float")
     fmt.add_argument("--no-attention", action="store_true",
                      help="keep attention products (matmul/sdpa operands) in float")
+    fmt.add_argument("--round-recurrent-state", action="store_true",
+                     help="also round the hidden state of LSTM/GRU/RNN layers before their "
+                          "recurrent product (step by step; exports unrolled for the example's "
+                          "sequence length)")
     fmt.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                      help="keep layers or attention sites matching this name pattern in float "
                           "(repeatable)")

@@ -68,6 +68,7 @@ def _config(args) -> hfp8.QuantConfig:
         weight_bias_method=args.bias_method, activation_bias_method=args.bias_method,
         keep_first_and_last=not args.quantize_first_last, exclude=tuple(args.exclude),
         include=tuple(args.include), quantize_attention=not args.no_attention,
+        quantize_recurrent_state=args.round_recurrent_state,
         bn_recalibration=bn_recalibration(args),
         weight_rounding=args.weight_rounding, float_budget=args.float_budget,
         budget_unit=args.budget_unit, target_sqnr_db=args.target_sqnr,

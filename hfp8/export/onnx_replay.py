@@ -48,7 +48,8 @@ def _sub_model(model: onnx.ModelProto, nodes: list, name: str,
         if shapes is None:
             return None
         nodes = shapes + nodes
-        inputs = inputs[:1] + [v.name for v in graph.input if any(v.name in n.input for n in shapes)]
+        inputs = inputs[:1] + [v.name for v in graph.input if v.name != inputs[0]
+                               and any(v.name in n.input for n in shapes)]
         consumed = [value for node in nodes for value in node.input if value]
     inside = {id(node) for node in nodes}
     readers_outside = {value for node in graph.node if id(node) not in inside for value in node.input}

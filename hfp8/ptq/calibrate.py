@@ -29,7 +29,7 @@ from hfp8.data.model_io import batch_size, call_model
 from hfp8.ptq.points import quant_points
 from hfp8.ptq.quantizers import layer_state, quantized_layers
 
-__all__ = ["points", "analysis_pass", "moment_groups", "calibration_pass", "choose_input_biases",
+__all__ = ["analysis_pass", "moment_groups", "calibration_pass", "choose_input_biases",
            "refuse_non_finite"]
 
 

@@ -154,7 +154,7 @@ def _tokens_and_mask(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _logits(outputs, tokens: torch.Tensor) -> torch.Tensor:
-    for name, leaf in output_leaves(outputs):
+    for _, leaf in output_leaves(outputs):
         if leaf.is_floating_point() and leaf.dim() == 3 and leaf.shape[:2] == tokens.shape:
             return leaf
     shapes = ", ".join(f"{name} {tuple(leaf.shape)}" for name, leaf in output_leaves(outputs))

@@ -31,7 +31,6 @@ is shown to it (calibration); ``tap`` sees every value before rounding (verifica
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from hfp8.numerics.formats import FloatFormat
 from hfp8.numerics.ops import scale_for_bias
+from hfp8.ptq.attention import attention_by_definition
 from hfp8.ptq.recurrent import (
     CELL_FUNCTIONS,
     RECURRENT_FUNCTIONS,
@@ -223,30 +223,6 @@ def _point(owner: nn.Module, site: OperandSite, operand: str, x: torch.Tensor) -
     return quantize_point(x, site.fmt, getattr(owner, site.bias_buffer(operand)),
                           f"{site.name}.{operand}", site.observers.get(operand), tap,
                           site.trainers.get(operand))
-
-
-def attention_by_definition(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                            scale=None, enable_gqa=False, round_operand=None):
-    """``softmax(q k^T * scale + mask) v`` as PyTorch documents scaled_dot_product_attention,
-    with ``round_operand(name, tensor)`` applied to query, key, probs and value."""
-    round_operand = round_operand or (lambda name, x: x)
-    length, source = query.size(-2), key.size(-2)
-    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    if enable_gqa:
-        repeats = query.size(-3) // key.size(-3)
-        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
-    scores = torch.matmul(round_operand("query", query),
-                          round_operand("key", key).transpose(-2, -1)) * factor
-    if is_causal:
-        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, -math.inf)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool \
-            else scores + attn_mask
-    probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:
-        probs = nn.functional.dropout(probs, dropout_p)
-    return torch.matmul(round_operand("probs", probs), round_operand("value", value))
 
 
 class _SiteMode(TorchFunctionMode):

@@ -43,3 +43,27 @@ def test_quantize_export_and_perplexity_of_a_character_lm(tmp_path):
     refused = run("evaluate", "lm.pt", "--arch", "lm_arch:char_lm", "--data", "images",
                   "--perplexity", "--quiet", cwd=tmp_path)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_a_voice_encoder_shaped_lstm_with_its_hidden_state_rounded(tmp_path):
+    """LSTM + Linear from the command line: nothing to quantize by default (exit 2, saying how),
+    then --quantize-first-last --round-recurrent-state: quantized, exported unrolled, verified."""
+    from tests.ptq.test_recurrent import VoiceEncoderLike
+
+    torch.manual_seed(0)
+    torch.save(VoiceEncoderLike().state_dict(), tmp_path / "voice.pt")
+    (tmp_path / "frames").mkdir()
+    for index in range(16):
+        np.save(tmp_path / "frames" / f"{index:02d}.npy",
+                np.random.default_rng(index).standard_normal((10, 8)).astype(np.float32))
+    arch = ["--arch", "tests.ptq.test_recurrent:VoiceEncoderLike"]
+    nothing = run("quantize", tmp_path / "voice.pt", *arch, "--calib", tmp_path / "frames", "-o",
+                  tmp_path / "q.pt", "--quiet", cwd=ROOT)
+    assert nothing.returncode == 2 and "--quantize-first-last" in nothing.stderr, nothing.stderr
+    assert not (tmp_path / "q.pt").exists()
+    result = run("quantize", tmp_path / "voice.pt", *arch, "--calib", tmp_path / "frames",
+                 "--quantize-first-last", "--round-recurrent-state", "-o", tmp_path / "q.pt",
+                 "--onnx", tmp_path / "q.onnx", "--quiet", cwd=ROOT, check_code=0)
+    assert "verification OK" in result.stdout
+    assert "lstm.recurrent0.hidden" in result.stdout and "1 of 1 recurrent hidden states" in \
+        result.stdout

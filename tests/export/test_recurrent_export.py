@@ -83,3 +83,20 @@ def test_rounded_hidden_state_exports_unrolled_and_verifies(tmp_path, name):
     assert not ops["LSTM"] and not ops["GRU"] and not ops["RNN"]
     report = _verify(qmodel, path, name)
     assert report["pairs"]["rnn.recurrent0.hidden"]["values"] > 0
+
+
+@pytest.mark.parametrize("rounded", [False, True], ids=["float-state", "rounded-state"])
+def test_an_lstm_reading_the_model_input_replays_with_that_input(tmp_path, rounded):
+    """The layer's piece reads the model input twice (its Q/DQ pair, and h_0's batch size from
+    the input's shape): replayed with one graph input."""
+    from tests.ptq.test_recurrent import VoiceEncoderLike
+
+    torch.manual_seed(0)
+    model = VoiceEncoderLike().eval()
+    batches = [torch.randn(6, 10, 8) for _ in range(3)]
+    qmodel = hfp8.quantize_model(model, batches, hfp8.QuantConfig(
+        keep_first_and_last=False, float_budget=0, quantize_recurrent_state=rounded), quiet=True)
+    hfp8.export_onnx(qmodel, tmp_path / "v.onnx", batches[0])
+    report = hfp8.verify_onnx(qmodel, tmp_path / "v.onnx", batches[1:], reference=model)
+    assert report["layers"]["lstm"]["checked"] and report["layers"]["lstm"]["within_bound"]
+    assert passed(report)

@@ -255,7 +255,7 @@ def test_first_and_last_policy_on_a_small_recurrent_model_says_how_to_change_it(
 
 
 def test_saved_recurrent_model_loads_to_the_same_outputs(tmp_path):
-    model, qmodel = _quantize("gru", quantize_recurrent_state=True,
+    _, qmodel = _quantize("gru", quantize_recurrent_state=True,
                               weight_granularity="per_channel")
     path = tmp_path / "gru.hfp8.pt"
     hfp8.save_quantized(qmodel, path)
