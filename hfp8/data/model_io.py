@@ -2,7 +2,8 @@
 
 Batches (calibration, evaluation, export examples) may be:
 
-* a tensor: ``model(batch)``;
+* a tensor, or a ``PackedSequence`` (one input of a recurrent model; its size is its number of
+  sequences): ``model(batch)``;
 * a mapping (a dict, a ``transformers.BatchEncoding``): ``model(**batch)``; every key must be an
   argument of ``forward`` (unless it takes ``**kwargs``);
 * a tuple or list: its items are passed positionally, nested items as they are. Items beyond the
@@ -23,6 +24,7 @@ import inspect
 from collections.abc import Callable, Mapping
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_sequence, unpack_sequence
 
 __all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size", "leaf_hooks",
            "output_leaves", "positional_capacity", "describe", "describe_batch", "slice_batch"]
@@ -53,6 +55,9 @@ def positional_capacity(model: Callable) -> tuple[float, set[str] | None]:
 
 
 def describe(value) -> str:
+    if isinstance(value, PackedSequence):
+        return (f"a packed sequence of {int(value.batch_sizes[0])} sequences (data "
+                f"{describe(value.data)[2:]})")
     if torch.is_tensor(value):
         return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"
@@ -73,7 +78,7 @@ def split_batch(model: Callable, batch) -> tuple[tuple, dict, tuple]:
     """``(args, kwargs, left)`` for calling ``model`` on ``batch`` (see the module docstring);
     ``left`` holds the items that are not passed (targets)."""
     capacity, names = positional_capacity(model)
-    if torch.is_tensor(batch):
+    if torch.is_tensor(batch) or isinstance(batch, PackedSequence):
         return (batch,), {}, ()
     if isinstance(batch, Mapping):
         return (), _keywords(batch, names), ()
@@ -101,9 +106,15 @@ def call_model(model: Callable, batch):
 
 
 def map_tensors(value, function: Callable[[torch.Tensor], torch.Tensor]):
-    """``value`` with ``function`` applied to every tensor leaf; mappings become dicts."""
+    """``value`` with ``function`` applied to every tensor leaf; mappings become dicts. A packed
+    sequence's data is a leaf (its indices follow the data's device; its step sizes stay)."""
     if torch.is_tensor(value):
         return function(value)
+    if isinstance(value, PackedSequence):
+        data = function(value.data)
+        move = lambda t: None if t is None else t.to(data.device)  # noqa: E731
+        return value._replace(data=data, sorted_indices=move(value.sorted_indices),
+                              unsorted_indices=move(value.unsorted_indices))
     if isinstance(value, Mapping):
         return {key: map_tensors(item, function) for key, item in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
@@ -117,7 +128,7 @@ def describe_batch(batch) -> str:
     """``a float32 tensor of shape (8, 3, 224, 224)``, ``{input_ids: ..., ...}``, ..."""
     if isinstance(batch, Mapping):
         return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in batch.items()) + "}"
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence):
         return "(" + ", ".join(describe(v) for v in batch) + ")"
     return describe(batch)
 
@@ -126,11 +137,17 @@ def slice_batch(batch, count: int):
     """The first ``count`` samples of ``batch``: every tensor whose first dimension is the batch
     size is sliced, anything else (a shared mask, a scalar) kept whole."""
     size = batch_size(batch)
+    if isinstance(batch, PackedSequence):  # its first sequences, in their original order
+        return pack_sequence(unpack_sequence(batch)[:count], enforce_sorted=False)
+    if isinstance(batch, (tuple, list)) and any(isinstance(v, PackedSequence) for v in batch):
+        return type(batch)(slice_batch(v, count) if isinstance(v, PackedSequence) else
+                           map_tensors(v, lambda t: t[:count] if t.dim() and t.shape[0] == size
+                                       else t) for v in batch)
     return map_tensors(batch, lambda t: t[:count] if t.dim() and t.shape[0] == size else t)
 
 
 def _first_tensor(value):
-    if torch.is_tensor(value):
+    if torch.is_tensor(value) or isinstance(value, PackedSequence):
         return value
     items = value.values() if isinstance(value, Mapping) else value \
         if isinstance(value, (tuple, list)) else ()
@@ -146,6 +163,8 @@ def batch_size(batch) -> int:
     tensor = _first_tensor(batch)
     if tensor is None:
         raise BatchError(f"the batch holds no tensor ({describe(batch)})")
+    if isinstance(tensor, PackedSequence):
+        return int(tensor.batch_sizes[0])
     return int(tensor.shape[0]) if tensor.dim() else 1
 
 

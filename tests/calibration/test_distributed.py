@@ -31,17 +31,14 @@ def _assert_within_one_ulp(actual: torch.Tensor, expected: torch.Tensor, key: st
 
 
 def _state(qmodel) -> dict:
-    state = {f"{name}.input_exponent_bias": int(layer.input_exponent_bias)
-             for name, layer in quantized_layers(qmodel).items()}
-    state.update({f"{name}.weight_exponent_bias": layer.weight_exponent_bias.clone()
-                  for name, layer in quantized_layers(qmodel).items()})
-    state.update({k: v.clone() for k, v in qmodel.state_dict().items()
-                  if "running_" in k or k.endswith(".weight")})
+    """Every exponent bias (weights, inputs, hidden states), weight and BN statistic."""
+    state = {k: v.clone() for k, v in qmodel.state_dict().items()
+             if "running_" in k or k.endswith(("exponent_bias", ".weight")) or ".weight_" in k}
     state["samples"] = hfp8.manifest(qmodel)["calibration_samples"]
     return state
 
 
-def _worker(rank, world, init, out, config, failure, timeout, state):
+def _worker(rank, world, init, out, config, failure, timeout, state, name):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
     try:
@@ -55,7 +52,7 @@ def _worker(rank, world, init, out, config, failure, timeout, state):
             os._exit(3)
         start = time.monotonic()
         try:
-            model = FACTORIES["mobilenet_like"]()
+            model = FACTORIES[name]()
             model.load_state_dict(state)  # the parent's trained weights: no training per rank
             qmodel = hfp8.quantize_model(model.eval(), batches, config, quiet=True)
             torch.save(_state(qmodel), f"{out}.{rank}")
@@ -67,12 +64,13 @@ def _worker(rank, world, init, out, config, failure, timeout, state):
             dist.destroy_process_group()
 
 
-def _run(world, config, failure=None, timeout=60):
+def _run(world, config, failure=None, timeout=60, name="mobilenet_like"):
     folder = tempfile.mkdtemp()
     out = os.path.join(folder, "result")
     init = f"file://{os.path.join(folder, 'rendezvous')}"
-    state = trained("mobilenet_like").state_dict()
-    context = mp.start_processes(_worker, args=(world, init, out, config, failure, timeout, state),
+    state = trained(name).state_dict()
+    context = mp.start_processes(_worker, args=(world, init, out, config, failure, timeout, state,
+                                                name),
                                  nprocs=world, join=False, start_method="spawn")
     if failure == "die":
         _join_loosely(context, timeout + 60)
@@ -128,6 +126,22 @@ def test_the_default_pipeline_sharded_equals_one_process(world):
                 assert torch.equal(result[key], expected), key
             else:
                 assert result[key] == expected, key
+
+
+def test_a_recurrent_model_sharded_equals_one_process():
+    """A bidirectional LSTM with its hidden state rounded: the input and hidden-state biases
+    chosen from all ranks' observers, the weights and the float budget's choice, as one
+    process makes them."""
+    config = hfp8.QuantConfig(quantize_recurrent_state=True)
+    single = _state(hfp8.quantize_model(trained("lstm"), calibration_batches(5), config,
+                                        quiet=True))
+    assert "rnn.recurrent0_hidden_exponent_bias" in single
+    for result in _run(2, config, name="lstm"):
+        assert "error" not in result, result
+        assert result.keys() == single.keys()
+        for key, expected in single.items():
+            assert torch.equal(result[key], expected) if torch.is_tensor(expected) \
+                else result[key] == expected, key
 
 
 def test_compensated_rounding_and_the_budget_agree_across_ranks():

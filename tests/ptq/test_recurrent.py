@@ -139,12 +139,14 @@ def test_packed_sequences_give_each_sequence_what_it_gives_alone(rounded):
     model = nn.Sequential(nn.LSTM(4, 6, num_layers=2, bidirectional=True)).double().eval()
     sequences = [torch.randn(n, 4, dtype=torch.float64) for n in (6, 2, 4)]
     calibration = [pack_sequence(sequences, enforce_sorted=False)] * 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a one-layer model: nothing quantized by default
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         qmodel = hfp8.quantize_model(model, calibration, hfp8.QuantConfig(
             keep_first_and_last=False, quantize_recurrent_state=rounded, float_budget=0),
             quiet=True)
+    assert not caught, [str(w.message) for w in caught]  # a packed batch is one input
     assert "0" in quantized_layers(qmodel)
+    assert hfp8.manifest(qmodel)["calibration_samples"] == 2 * 3  # sequences, not steps
     with torch.no_grad():
         packed_output, (hidden, _) = qmodel(calibration[0])
         padded, lengths = nn.utils.rnn.pad_packed_sequence(packed_output)

@@ -1,0 +1,32 @@
+"""Batches of any structure: a packed sequence is one input, sized by its sequences."""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence, unpack_sequence
+
+from hfp8.data.model_io import batch_size, describe_batch, map_tensors, slice_batch, split_batch
+
+
+def _packed():
+    return pack_sequence([torch.full((n, 2), float(n)) for n in (3, 5, 1)], enforce_sorted=False)
+
+
+def test_a_packed_sequence_is_one_input_sized_by_its_sequences():
+    packed = _packed()
+    args, kwargs, left = split_batch(nn.LSTM(2, 3), packed)
+    assert args == (packed,) and not kwargs and not left
+    assert batch_size(packed) == 3 and batch_size((packed, torch.zeros(3))) == 3
+    assert "packed sequence of 3 sequences" in describe_batch(packed)
+
+
+def test_slicing_a_packed_batch_keeps_its_first_sequences_in_order():
+    sliced = slice_batch(_packed(), 2)
+    assert [s[:, 0].tolist() for s in unpack_sequence(sliced)] == [[3.0] * 3, [5.0] * 5]
+    labelled = slice_batch((_packed(), torch.tensor([7, 8, 9])), 2)
+    assert batch_size(labelled) == 2 and labelled[1].tolist() == [7, 8]
+
+
+def test_mapping_a_packed_sequence_maps_its_data_and_keeps_its_steps():
+    doubled = map_tensors(_packed(), lambda t: t.double())
+    assert doubled.data.dtype == torch.float64 and doubled.batch_sizes.dtype == torch.int64
+    assert torch.equal(doubled.batch_sizes, _packed().batch_sizes)
