@@ -112,6 +112,8 @@ def map_tensors(value, function: Callable[[torch.Tensor], torch.Tensor]):
         return function(value)
     if isinstance(value, PackedSequence):
         data = function(value.data)
+        if not torch.is_tensor(data):  # a function run for its effect (collecting leaves)
+            return value
         move = lambda t: None if t is None else t.to(data.device)  # noqa: E731
         return value._replace(data=data, sorted_indices=move(value.sorted_indices),
                               unsorted_indices=move(value.unsorted_indices))

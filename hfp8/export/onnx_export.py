@@ -33,6 +33,7 @@ import onnx
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 
 from hfp8._files import atomic_write, atomic_write_all
 from hfp8.data.model_io import BatchError, map_tensors, split_batch
@@ -129,6 +130,14 @@ def _dynamic_shapes(args, kwargs, dynamic_batch: bool):
     return map_tensors(args, spec), map_tensors(kwargs, spec)
 
 
+def _holds_packed(value) -> bool:
+    if isinstance(value, PackedSequence):
+        return True
+    items = value.values() if isinstance(value, dict) else value \
+        if isinstance(value, (tuple, list)) else ()
+    return any(_holds_packed(item) for item in items)
+
+
 def _first_line(error: BaseException) -> str:
     for line in str(error).splitlines():
         if line.strip():
@@ -223,6 +232,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not DEFAULT_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be in {DEFAULT_OPSET}..{MAX_OPSET} (FP8 Q/DQ needs 19+), got {opset}")
+    if _holds_packed(example_input):
+        raise ExportError("the example input holds a PackedSequence, which torch.export cannot "
+                          "capture; export with a padded tensor example (the exported LSTM/GRU "
+                          "runs padded batches)")
     model = deployment_form(qmodel)
     example = map_tensors(example_input, lambda t: t.detach().cpu())
     leaves = []

@@ -100,3 +100,15 @@ def test_an_lstm_reading_the_model_input_replays_with_that_input(tmp_path, round
     report = hfp8.verify_onnx(qmodel, tmp_path / "v.onnx", batches[1:], reference=model)
     assert report["layers"]["lstm"]["checked"] and report["layers"]["lstm"]["within_bound"]
     assert passed(report)
+
+
+def test_a_packed_example_is_refused_in_one_line(tmp_path):
+    from torch.nn.utils.rnn import pack_sequence
+
+    model = torch.nn.Sequential(torch.nn.LSTM(4, 6)).eval()
+    packed = pack_sequence([torch.randn(n, 4) for n in (5, 3)], enforce_sorted=False)
+    qmodel = hfp8.quantize_model(model, [packed] * 2, hfp8.QuantConfig(keep_first_and_last=False),
+                                 quiet=True)
+    with pytest.raises(hfp8.ExportError, match="PackedSequence.*padded tensor"):
+        hfp8.export_onnx(qmodel, tmp_path / "p.onnx", packed)
+    assert not (tmp_path / "p.onnx").exists()
