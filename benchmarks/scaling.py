@@ -20,13 +20,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
+
+from child_runs import run_child  # noqa: E402
 
 STEPS = {  # module -> functions of quantize_model timed as steps
     "hfp8.ptq.pipeline": ("_quantize_weights", "analysis_pass", "compensate_weights",
@@ -130,16 +131,6 @@ def child(size: str, quantize: bool, repeats: int) -> dict:
     return result
 
 
-def run_child(size: str, quantize: bool, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--child", size, "--repeats", str(repeats)]
-    if quantize:
-        command.append("--quantize")
-    output = subprocess.run(command, capture_output=True, text=True, check=False)
-    if output.returncode != 0:
-        raise SystemExit(f"{size} failed:\n{output.stderr[-3000:]}")
-    return json.loads(output.stdout.strip().splitlines()[-1])
-
-
 def table(rows: list[dict]) -> str:
     from results_doc import markdown_table
 
@@ -175,8 +166,8 @@ def main() -> None:
     print(f"2 threads; allocator settings: {allocator or 'glibc defaults'}")
     rows = []
     for size in args.sizes:
-        baseline = run_child(size, False, args.repeats)
-        row = run_child(size, True, args.repeats)
+        baseline = run_child(__file__, size, False, args.repeats)
+        row = run_child(__file__, size, True, args.repeats)
         row["float_peak_bytes"] = baseline["peak_bytes"]
         rows.append(row)
         unit = row["float_pass_seconds"]

@@ -24,13 +24,14 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
+
+from child_runs import run_child  # noqa: E402
 
 CASES = ["length-128", "length-256", "length-512", "lstm-256", "lstm-512", "lstm-1024"]
 
@@ -107,16 +108,6 @@ def child(case: str, quantize: bool, repeats: int) -> dict:
     return result
 
 
-def run_child(case: str, quantize: bool, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--child", case, "--repeats", str(repeats)]
-    if quantize:
-        command.append("--quantize")
-    output = subprocess.run(command, capture_output=True, text=True, check=False)
-    if output.returncode != 0:
-        raise SystemExit(f"{case} failed:\n{output.stderr[-3000:]}")
-    return json.loads(output.stdout.strip().splitlines()[-1])
-
-
 def table(rows: list[dict]) -> str:
     from results_doc import markdown_table
 
@@ -150,8 +141,8 @@ def main() -> None:
         return
     rows = []
     for case in args.cases:
-        baseline = run_child(case, False, args.repeats)
-        row = run_child(case, True, args.repeats)
+        baseline = run_child(__file__, case, False, args.repeats)
+        row = run_child(__file__, case, True, args.repeats)
         row["float_peak_bytes"] = baseline["peak_bytes"]
         rows.append(row)
         unit = row["float_pass_seconds"]

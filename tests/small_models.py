@@ -8,6 +8,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from hfp8.examples.char_transformer import CharTransformer
+
 
 @functools.lru_cache(maxsize=1)
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,40 +159,9 @@ def char_text() -> tuple[torch.Tensor, list[str]]:
     return torch.tensor([index[c] for c in text], dtype=torch.int64), alphabet
 
 
-class CharBlock(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(width, dim=-1)
-        shape = (batch, length, self.heads, width // self.heads)
-        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
-        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
-
-
-class CharLM(nn.Module):
-    """A GPT-style character model: token and position embeddings, pre-norm causal blocks,
-    a Linear head; ``tokens (N, T) -> logits (N, T, vocabulary)``."""
-
-    def __init__(self, vocabulary: int, width: int = 64, layers: int = 2, heads: int = 4,
-                 context: int = 64) -> None:
-        super().__init__()
-        self.embed, self.position = nn.Embedding(vocabulary, width), nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(CharBlock(width, heads) for _ in range(layers))
-        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocabulary)
-
-    def forward(self, tokens):
-        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+def CharLM(vocabulary: int) -> nn.Module:  # noqa: N802 - a model factory, named like one
+    """The suite's small causal LM: hfp8's example character Transformer, width 64."""
+    return CharTransformer(vocabulary, width=64)
 
 
 def char_windows(split: str, count: int, length: int = 32, seed: int = 0) -> torch.Tensor:

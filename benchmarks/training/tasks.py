@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fashion_resnet import fashion_resnet, images_to_inputs
+from hfp8.examples.char_transformer import CharTransformer
 from hfp8.examples.fashion_mnist import load_fashion_mnist
 
 __all__ = ["TASKS"]
@@ -94,42 +95,6 @@ class MobileNetTask(_FashionTask):
                              nn.Flatten(), nn.Linear(64, 10))
 
 
-class _CharTransformer(nn.Module):
-    def __init__(self, vocab: int, width: int = 128, heads: int = 4, layers: int = 2,
-                 context: int = 64) -> None:
-        super().__init__()
-        self.heads = heads
-        self.embed = nn.Embedding(vocab, width)
-        self.position = nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, tokens):
-        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(width, dim=-1)
-        shape = (batch, length, self.heads, width // self.heads)
-        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
-
-
 class TransformerTask:
     description = "character-level Transformer LM on the standard library's docstrings"
     metric = "perplexity"
@@ -147,7 +112,7 @@ class TransformerTask:
         self.train_data, self.test_data = data[:split], data[split:]
 
     def build(self) -> nn.Module:
-        return _CharTransformer(len(self.characters), context=self.context)
+        return CharTransformer(len(self.characters), context=self.context)
 
     def train_batches(self, seed: int):
         generator = torch.Generator().manual_seed(seed)
