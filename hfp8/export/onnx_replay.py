@@ -24,11 +24,12 @@ from onnx import helper
 from hfp8.export.onnx_graph import node_scopes, site_nodes
 from hfp8.export.onnx_ops import PAIR_ROLES
 
-__all__ = ["pair_model", "layer_model", "session", "feed", "run"]
+__all__ = ["pair_model", "layer_model", "session", "feed", "run", "values_of", "value_types"]
 
 
 def _sub_model(model: onnx.ModelProto, nodes: list, name: str,
-               outputs_from: list | None = None, many: bool = False) -> onnx.ModelProto | None:
+               outputs_from: list | None = None, many: bool = False,
+               types: dict | None = None) -> onnx.ModelProto | None:
     """``nodes`` as a model with one input and one output (``many``: one or more), or None;
     the outputs are the values of ``outputs_from`` (default: all nodes) that the rest of the
     graph reads."""
@@ -42,27 +43,21 @@ def _sub_model(model: onnx.ModelProto, nodes: list, name: str,
     nodes = extra + list(nodes)
     produced |= {n.output[0] for n in extra}
     inputs = [v for v in dict.fromkeys(consumed) if v not in produced and v not in initializers]
-    shapes = []
-    if many and len(inputs) > 1:  # e.g. h_0's batch size, read from the model input's shape
-        shapes = _shape_arithmetic(graph, inputs[1:])
-        if shapes is None:
-            return None
-        nodes = shapes + nodes
-        inputs = inputs[:1] + [v.name for v in graph.input if v.name != inputs[0]
-                               and any(v.name in n.input for n in shapes)]
-        consumed = [value for node in nodes for value in node.input if value]
+    shape_valued = _ShapeValues(graph) if many else None
+    if many and not all(shape_valued(v) for v in inputs[1:]):
+        return None  # more than sizes and constants (h_0 of another layer's batch size) come in
     inside = {id(node) for node in nodes}
     readers_outside = {value for node in graph.node if id(node) not in inside for value in node.input}
     readers_outside |= {output.name for output in graph.output}
     outputs = [v for node in nodes if id(node) in sources for v in node.output
-               if v in readers_outside]
-    if (len(inputs) != 1 and not shapes) or not outputs or (len(outputs) > 1 and not many):
+               if v in readers_outside and not (many and shape_valued(v))]
+    if (len(inputs) != 1 and not many) or not outputs or (len(outputs) > 1 and not many):
         return None
-    graph_inputs = {v.name: v for v in graph.input}
     sub = helper.make_graph(
         [copy.deepcopy(n) for n in nodes], name,
         [helper.make_tensor_value_info(inputs[0], onnx.TensorProto.FLOAT, None),
-         *(copy.deepcopy(graph_inputs[v]) for v in inputs[1:])],
+         *(helper.make_tensor_value_info(v, (types or {}).get(v, onnx.TensorProto.INT64), None)
+           for v in inputs[1:])],
         [helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in outputs],
         initializer=[copy.deepcopy(initializers[v]) for v in dict.fromkeys(consumed)
                      if v in initializers])
@@ -72,33 +67,52 @@ def _sub_model(model: onnx.ModelProto, nodes: list, name: str,
 
 
 _SHAPE_OPS = {"Shape", "Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Cast",
-              "Constant", "Identity", "Add", "Sub", "Mul", "Div"}
+              "Constant", "Identity", "Add", "Sub", "Mul", "Div", "Range", "Expand",
+              "ConstantOfShape", "Tile"}
 
 
-def _shape_arithmetic(graph, values: list[str]) -> list | None:
-    """The nodes computing ``values`` from the shapes of graph inputs only (as a recurrent
-    layer's initial state reads the batch size off the model input), in graph order; None if
-    any of them depends on more than shapes."""
-    every = list(graph.node)
-    made_by = {o: index for index, n in enumerate(every) for o in n.output}
-    graph_inputs = {v.name for v in graph.input}
-    initializers = {t.name for t in graph.initializer}
-    chosen, todo = set(), list(values)
-    while todo:
-        value = todo.pop()
-        index = made_by.get(value)
-        if value in initializers or index in chosen:
-            continue
-        if index is None or every[index].op_type not in _SHAPE_OPS:
-            return None
-        chosen.add(index)
-        node = every[index]
-        if node.op_type == "Shape":
-            if node.input[0] not in graph_inputs:
-                return None
-            continue
-        todo.extend(v for v in node.input if v)
-    return [every[index] for index in sorted(chosen)]
+class _ShapeValues:
+    """``values(name)``: is the value computed from tensor shapes and constants only (a batch
+    size; a recurrent layer's zero ``h_0``, which the exporter may share between layers)?"""
+
+    def __init__(self, graph) -> None:
+        self.made_by = {o: node for node in graph.node for o in node.output}
+        self.constants = {t.name for t in graph.initializer}
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, value: str) -> bool:
+        if value in self.constants:
+            return True
+        if value not in self.known:
+            self.known[value] = False  # cycles cannot occur; this only stops re-entry
+            node = self.made_by.get(value)
+            self.known[value] = node is not None and (
+                node.op_type == "Shape" or (node.op_type in _SHAPE_OPS and all(
+                    self(v) for v in node.input if v)))
+        return self.known[value]
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value of ``model``, by ONNX shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return {info.name: info.type.tensor_type.elem_type
+            for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+
+
+def values_of(model: onnx.ModelProto, names: list[str], inputs: dict, types: dict,
+              providers=("CPUExecutionProvider",)) -> dict:
+    """Intermediate values of ``model`` computed from shapes and constants (sizes, a zero
+    ``h_0``: what a replayed piece reads besides its input, see :func:`layer_model`) on one
+    run with ``inputs``; ``types`` from :func:`value_types`."""
+    if not names:
+        return {}
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    del copied.graph.output[:]
+    copied.graph.output.extend(helper.make_tensor_value_info(
+        v, types.get(v, onnx.TensorProto.INT64), None) for v in names)
+    found = session(copied, providers).run(None, inputs)
+    return dict(zip(names, found, strict=True))
 
 
 def pair_model(model: onnx.ModelProto, site: str) -> onnx.ModelProto | None:
@@ -110,10 +124,13 @@ def pair_model(model: onnx.ModelProto, site: str) -> onnx.ModelProto | None:
     return _sub_model(model, order, f"{site}_qdq")
 
 
-def layer_model(model: onnx.ModelProto, layer: str, many: bool = False) -> onnx.ModelProto | None:
+def layer_model(model: onnx.ModelProto, layer: str, many: bool = False,
+                types: dict | None = None) -> onnx.ModelProto | None:
     """Every node exported under module ``layer``'s scope, if they form a one-input,
     one-output piece (``many``: one or more outputs, as a recurrent layer's sequence and final
-    states)."""
+    states, and besides the layer input any number of values computed elsewhere from tensor
+    shapes and constants, as ``h_0``'s batch size: :func:`values_of` gives them; ``types``
+    from :func:`value_types` declares them)."""
     every = list(model.graph.node)  # one wrapper per node: identities below stay valid
     nodes = [node for node in every if layer in node_scopes(node)]
     if many and nodes:  # nodes the exporter left unscoped (Split of a chunk) that read only these
@@ -127,13 +144,29 @@ def layer_model(model: onnx.ModelProto, layer: str, many: bool = False) -> onnx.
                 produced.update(node.output)
                 known.update(node.output)
         nodes = [node for node in every if id(node) in chosen]
-    inside = {id(node) for node in nodes}
     pair = site_nodes(model).get(layer, {})  # its input pair, also when shared with another
     pair = [pair[r] for r in PAIR_ROLES if r in pair]
+    if pair:  # the exporter may tag the caller's reshaping of the input with the layer's scope
+        upstream = _ancestors(nodes, pair[0].input[0])
+        nodes = [node for node in nodes if id(node) not in upstream]
+    inside = {id(node) for node in nodes}
     in_pair = {id(node) for node in pair}
     extra = [node for node in pair if id(node) not in inside]
     own = [node for node in nodes if id(node) not in in_pair]  # the layer's output comes from these
-    return _sub_model(model, extra + nodes, layer, outputs_from=own, many=many) if nodes else None
+    return _sub_model(model, extra + nodes, layer, outputs_from=own, many=many,
+                      types=types) if nodes else None
+
+
+def _ancestors(nodes: list, value: str) -> set[int]:
+    """Identities of the nodes among ``nodes`` that ``value`` is computed from."""
+    made_by = {o: node for node in nodes for o in node.output}
+    found, todo = set(), [value]
+    while todo:
+        node = made_by.get(todo.pop())
+        if node is not None and id(node) not in found:
+            found.add(id(node))
+            todo.extend(v for v in node.input if v)
+    return found
 
 
 def session(model_or_path, providers=("CPUExecutionProvider",)) -> onnxruntime.InferenceSession:

@@ -145,19 +145,26 @@ def _abs_layer(layer):
 def _replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers,
                    model_inputs: dict) -> dict:
     results = {}
+    recurrent = any(is_recurrent(layer) for layer in quantized_layers(qmodel).values())
+    types = onnx_replay.value_types(model) if recurrent else {}
+    pieces = {name: onnx_replay.layer_model(model, name, many=is_recurrent(layer), types=types)
+              for name, layer in quantized_layers(qmodel).items() if name in captured}
+    sizes = onnx_replay.values_of(model, list(dict.fromkeys(
+        v.name for piece in pieces.values() if piece is not None
+        for v in piece.graph.input[1:])), model_inputs, types, providers)
     for name, layer in quantized_layers(qmodel).items():
         if name not in captured:
             results[name] = {"checked": False, "reason": "did not run on the first batch"}
             continue
         recurrent = is_recurrent(layer)
-        piece = onnx_replay.layer_model(model, name, many=recurrent)
+        piece = pieces[name]
         if piece is None:
             results[name] = {"checked": False, "reason": "its nodes do not form a one-input, "
                              "one-output piece of the file (shared or split module)"}
             continue
         x = captured[name].float()
         if recurrent:
-            results[name] = _replay_recurrent(piece, layer, x, providers, model_inputs)
+            results[name] = _replay_recurrent(piece, layer, x, providers, sizes)
             continue
         with torch.no_grad():
             expected = layer(x).double()
@@ -177,13 +184,14 @@ def _replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers,
     return results
 
 
-def _replay_recurrent(piece, layer, x: torch.Tensor, providers, model_inputs: dict) -> dict:
+def _replay_recurrent(piece, layer, x: torch.Tensor, providers, sizes: dict) -> dict:
     """A recurrent layer's piece judged as the whole model is (a sum bound does not follow a
     recurrence through its gates): its outputs no further from the layer's float64 run than
-    PyTorch's float32 run is (paired over rows of dim 0), or within the float32 floor
+    PyTorch's float32 run is (paired over output vectors: each step of each sequence, each
+    final state), or within the float32 floor
     ``gamma_K``. Each file output is matched to the layer output of its shape (the closest of
-    equal shapes: h_n and c_n). ``model_inputs``: the first batch as the file takes it (a piece
-    may read a model input's shape, as ``h_0``'s batch size)."""
+    equal shapes: h_n and c_n). ``sizes``: the integer sizes the piece reads from elsewhere in
+    the file (``h_0``'s batch size), from the whole file's run on the first batch."""
     exact = copy.deepcopy(layer).double()
     layer_state(exact).tap = None
     with torch.no_grad():
@@ -191,7 +199,7 @@ def _replay_recurrent(piece, layer, x: torch.Tensor, providers, model_inputs: di
         with noise_floor.counted_terms(exact) as total:
             truth = [t for _, t in output_leaves(exact(x.double())) if t.is_floating_point()]
     feed = {piece.graph.input[0].name: x.numpy()}
-    feed.update({v.name: model_inputs[v.name] for v in piece.graph.input[1:]})
+    feed.update({v.name: sizes[v.name] for v in piece.graph.input[1:]})
     actual = onnx_replay.run(onnx_replay.session(piece, providers), feed)
     onnx_errors, torch_errors, worst, largest = [], [], 0.0, 0.0
     for value in (a.double() for a in actual):
@@ -200,9 +208,9 @@ def _replay_recurrent(piece, layer, x: torch.Tensor, providers, model_inputs: di
             return {"checked": False, "reason": f"an output of shape {tuple(value.shape)} in "
                     "the file matches none of the layer's outputs"}
         index = min(candidates, key=lambda i: float((value - truth[i]).abs().max()))
-        rows = max(value.shape[0], 1) if value.dim() else 1
-        onnx_errors.extend((value - truth[index]).square().reshape(rows, -1).sum(1).tolist())
-        torch_errors.extend((ours[index] - truth[index]).square().reshape(rows, -1).sum(1).tolist())
+        width = value.shape[-1] if value.dim() else 1  # one row per step and sequence
+        onnx_errors.extend((value - truth[index]).square().reshape(-1, width).sum(1).tolist())
+        torch_errors.extend((ours[index] - truth[index]).square().reshape(-1, width).sum(1).tolist())
         scale = float(truth[index].square().mean().sqrt()) or 1.0
         worst = max(worst, float((value - truth[index]).square().mean().sqrt()) / scale)
         largest = max(largest, float((value - ours[index]).abs().max()))

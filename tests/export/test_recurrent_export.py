@@ -112,3 +112,57 @@ def test_a_packed_example_is_refused_in_one_line(tmp_path):
     with pytest.raises(hfp8.ExportError, match="PackedSequence.*padded tensor"):
         hfp8.export_onnx(qmodel, tmp_path / "p.onnx", packed)
     assert not (tmp_path / "p.onnx").exists()
+
+
+class ConvToGRU(torch.nn.Module):
+    """A CRNN's shape: convs (in-place ReLU) to height 1, squeeze and permute in forward, a
+    bidirectional GRU, a head (the exporter tags the squeeze/permute with the GRU's scope)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(True),
+            torch.nn.Conv2d(8, 12, (4, 1)), torch.nn.BatchNorm2d(12), torch.nn.ReLU(True))
+        self.rnn = torch.nn.GRU(12, 10, bidirectional=True, batch_first=True)
+        self.head = torch.nn.Linear(20, 5)
+
+    def forward(self, images):
+        x = self.blocks(images).squeeze(2).permute(0, 2, 1)
+        x, _ = self.rnn(x)
+        return self.head(x)
+
+
+class TwoStackedLSTMs(torch.nn.Module):
+    """Two LSTM modules in a row (the exporter shares their zero h_0 between them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(30, 8)
+        self.rnn1 = torch.nn.LSTM(8, 12, batch_first=True)
+        self.rnn2 = torch.nn.LSTM(12, 12, batch_first=True)
+        self.output = torch.nn.Linear(32, 30)
+
+    def forward(self, ids):
+        embedded = self.embedding(ids)
+        first, _ = self.rnn1(embedded)
+        second, _ = self.rnn2(first)
+        return self.output(torch.cat([embedded, first, second], -1))
+
+
+@pytest.mark.parametrize("make,batches", [
+    (ConvToGRU, lambda g: [torch.randn(6, 1, 4, 16, generator=g) for _ in range(3)]),
+    (TwoStackedLSTMs, lambda g: [torch.randint(0, 30, (6, 9), generator=g) for _ in range(3)]),
+], ids=["conv-squeeze-permute-gru", "two-stacked-lstms"])
+def test_every_recurrent_layer_of_a_real_model_shape_is_replayed(tmp_path, make, batches):
+    torch.manual_seed(0)
+    model = make().eval()
+    data = batches(torch.Generator().manual_seed(1))
+    qmodel = hfp8.quantize_model(model, data, hfp8.QuantConfig(keep_first_and_last=False,
+                                                                float_budget=0), quiet=True)
+    hfp8.export_onnx(qmodel, tmp_path / "m.onnx", data[0])
+    report = hfp8.verify_onnx(qmodel, tmp_path / "m.onnx", data[1:], reference=model)
+    for name in ("rnn", "rnn1", "rnn2"):
+        if name in report["layers"]:
+            assert report["layers"][name]["checked"], report["layers"][name]
+            assert report["layers"][name]["within_bound"], report["layers"][name]
+    assert passed(report)
