@@ -1,8 +1,10 @@
 """Second moments of a layer's input, ``H = E[x x^T]``, per group of a (grouped) convolution.
 
 ``x`` is one row of what the layer multiplies by its weight: for Linear the input's last
-dimension (``in_features``); for Conv1d/2d the unfolded patch of one group (``C_in/groups x
-kernel`` values at one output position). ``H`` (float64, shape ``(groups, d, d)``) is what
+dimension (``in_features``); for a recurrent layer (LSTM/GRU/RNN and cells) the same, the vector
+its first-layer input matrices ``weight_ih_l0`` (and ``_reverse``) multiply at one step; for
+Conv1d/2d the unfolded patch of one group (``C_in/groups x kernel`` values at one output
+position). ``H`` (float64, shape ``(groups, d, d)``) is what
 error-compensating weight rounding needs: the expected squared output error of a weight error
 ``e`` is ``e^T H e`` per output.
 
@@ -26,16 +28,28 @@ from hfp8.data.batches import reseed_for_batch
 __all__ = ["InputMoments", "supports", "moment_bytes"]
 
 
+_VECTOR_INPUTS = (nn.Linear, nn.RNNBase, nn.RNNCellBase)  # rows are the input's last dimension
+
+
 def supports(layer: nn.Module) -> bool:
-    return isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and \
+    return isinstance(layer, (*_VECTOR_INPUTS, nn.Conv1d, nn.Conv2d)) and \
         getattr(layer, "padding_mode", "zeros") == "zeros" and \
         not isinstance(getattr(layer, "padding", 0), str)
 
 
+def _groups_and_width(layer: nn.Module) -> tuple[int, int]:
+    """(groups, d): ``d`` is in_features, a recurrent layer's input_size, or C_in/groups x
+    kernel."""
+    if isinstance(layer, nn.Linear):
+        return 1, layer.in_features
+    if isinstance(layer, (nn.RNNBase, nn.RNNCellBase)):
+        return 1, layer.input_size
+    return layer.groups, layer.weight[0].numel()
+
+
 def moment_bytes(layer: nn.Module) -> int:
     """Bytes of ``layer``'s float64 second moments: ``8 * groups * d^2``."""
-    groups = 1 if isinstance(layer, nn.Linear) else layer.groups
-    width = layer.weight[0].numel()  # in_features, or C_in / groups x kernel
+    groups, width = _groups_and_width(layer)
     return 8 * groups * width * width
 
 
@@ -48,7 +62,7 @@ def _rows(layer: nn.Module, x: torch.Tensor, limit: int, generator: torch.Genera
     convolution only the chosen patches are gathered, tap by tap, straight from the input:
     neither a padded copy nor the unfolded input is ever made (a zero-padded tap reads a
     clamped position and is set to 0)."""
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, _VECTOR_INPUTS):
         flat = x.reshape(-1, x.shape[-1])
         pick = _pick(flat.shape[0], limit, generator)
         return (flat if pick is None else flat[pick.to(flat.device)]).unsqueeze(0)
@@ -97,7 +111,8 @@ class InputMoments:
         self.layer = layer
         # rows per call: at most max_rows, and at most max_values gathered values (a depthwise
         # layer of 960 channels needs few rows per channel for its 9 x 9 moments)
-        width = layer.weight[0].numel() * (layer.groups if hasattr(layer, "groups") else 1)
+        groups, width = _groups_and_width(layer)
+        width *= groups
         self.max_rows = min(max_rows, max(256, max_values // max(width, 1)))
         self.seed, self._batch = seed, None
         self.generator = torch.Generator().manual_seed(seed)
@@ -116,9 +131,7 @@ class InputMoments:
         """Sum with the other ranks' moments of this layer (no-op without a process group)."""
         if not distributed.active():
             return
-        layer = self.layer
-        groups = 1 if isinstance(layer, nn.Linear) else layer.groups
-        width = layer.weight[0].numel() if not isinstance(layer, nn.Linear) else layer.in_features
+        groups, width = _groups_and_width(self.layer)
         total = self.sum if self.sum is not None else torch.zeros(groups, width, width,
                                                                    dtype=torch.float64)
         distributed.all_reduce(total)

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from hfp8.ptq.config import QuantConfig
-from hfp8.ptq.quantizers import detach_layer, layer_state, quantized_layers
+from hfp8.ptq.quantizers import (
+    detach_layer,
+    layer_state,
+    quantized_layers,
+    weight_bias_buffer,
+)
 from hfp8.ptq.sensitivity import (
     choose_float_layers,
     layer_costs,
@@ -21,36 +26,51 @@ from hfp8.ptq.sensitivity import (
 )
 from hfp8.ptq.weight_rounding import rounded_runs
 
-__all__ = ["compensate_weights", "keep_sensitive_layers_float", "SENSITIVITY_SAMPLES"]
+__all__ = ["compensate_weights", "input_weights", "keep_sensitive_layers_float",
+           "SENSITIVITY_SAMPLES"]
 
 # Samples of the first batch the sensitivity estimate uses: its per-sample random projections
 # average to about +-35% (1.5 dB) per layer, while layers differ by orders of magnitude.
 SENSITIVITY_SAMPLES = 16
 
 
+def input_weights(layer: nn.Module) -> tuple[str, ...]:
+    """The weight matrices that multiply ``layer``'s own input (what its moments describe):
+    ``weight``; a recurrent layer's first-layer input matrices (the hidden-state matrices and
+    later layers read values no hook sees, and stay rounded to nearest)."""
+    if isinstance(layer, nn.RNNBase):
+        return tuple(n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if hasattr(layer, n))
+    if isinstance(layer, nn.RNNCellBase):
+        return ("weight_ih",)
+    return ("weight",)
+
+
 def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> list[str]:
-    """Re-round each layer with input moments from its float weight (same grid, same bias),
-    all layers of one weight format in one batched call; returns the names of the layers
-    rounded this way. ``moments`` is consumed (emptied): each layer's second moments are
-    released once its weight is rounded."""
+    """Re-round each layer's input matrices with its input moments from the float weights
+    (same grid, same bias), all of one weight format in one batched call; returns the names
+    of the layers rounded this way. ``moments`` is consumed (emptied): each layer's second
+    moments are released once its weights are rounded."""
     by_format: dict = {}
     for name in list(moments):
         layer = qmodel.get_submodule(name)
         fmt = layer_state(layer).weight_format
         hessian = moments.pop(name).take_hessian()
         if hessian is not None and fmt is not None:  # else: never ran, or weights stay float
-            float_weight = model.get_submodule(name).weight.detach()
-            by_format.setdefault(fmt, []).append(
-                (name, (float_weight, hessian, layer.weight_exponent_bias)))
+            for weight_name in input_weights(layer):  # (both directions share the moments)
+                float_weight = model.get_submodule(name).get_parameter(weight_name).detach()
+                by_format.setdefault(fmt, []).append(((name, weight_name), (
+                    float_weight, hessian, getattr(layer, weight_bias_buffer(weight_name)))))
         del hessian
     done = []
     for fmt in list(by_format):
         names, problems = zip(*by_format.pop(fmt))
         problems = list(problems)  # the only reference: rounded_runs releases each H in turn
         for index, weight in rounded_runs(problems, fmt):
+            name, weight_name = names[index]
             with torch.no_grad():
-                qmodel.get_submodule(names[index]).weight.copy_(weight)
-            done.append(names[index])
+                qmodel.get_submodule(name).get_parameter(weight_name).copy_(weight)
+            if name not in done:
+                done.append(name)
     return done
 
 
