@@ -67,3 +67,4 @@ def test_a_voice_encoder_shaped_lstm_with_its_hidden_state_rounded(tmp_path):
     assert "verification OK" in result.stdout
     assert "lstm.recurrent0.hidden" in result.stdout and "1 of 1 recurrent hidden states" in \
         result.stdout
+    assert "1 recurrent: as close to their float64 run as PyTorch" in result.stdout
