@@ -4,7 +4,8 @@
    run (plus probe values: every grid point, every tie, the overflow tie, values that flush to
    zero, +-Inf, NaN), go through that point's own nodes taken from the file; the result must
    equal :func:`hfp8.fake_quantize` with ``rtol=0, atol=0``.
-2. **Every quantized Conv/Linear, up to summation order.** The layer's nodes from the file are
+2. **Every quantized Conv/Linear, up to summation order** (:mod:`hfp8.export.layer_replay`;
+   recurrent layers against their own float64 run). The layer's nodes from the file are
    replayed on the input PyTorch gave the layer (first batch). Both runtimes then multiply the
    same FP8 values exactly; only the order of the float32 sums differs. For a sum of ``n``
    products the float32 result lies within ``gamma_n * sum|x_i w_i|`` of the exact one
@@ -38,9 +39,9 @@ import torch
 from hfp8.data.batches import calibration_batches
 from hfp8.data.model_io import map_tensors, output_leaves, split_batch
 from hfp8.export import noise_floor, onnx_replay
+from hfp8.export.layer_replay import paired_test, replay_layers, summation_bound
 from hfp8.numerics.sqnr import sqnr_db
 from hfp8.ptq.points import quant_points
-from hfp8.ptq.recurrent import is_recurrent
 from hfp8.ptq.quantizers import (
     layer_state,
     operand_sites,
@@ -66,22 +67,6 @@ def probe_values(fmt) -> torch.Tensor:
 def _bitwise_mismatches(expected: np.ndarray, actual: np.ndarray) -> int:
     same = (expected.view(np.uint32) == actual.view(np.uint32)) | (np.isnan(expected) & np.isnan(actual))
     return int((~same).sum())
-
-
-def summation_bound(terms: int) -> float:
-    """``2 gamma_terms``: how far two float32 sums of ``terms`` products may lie apart."""
-    return 2 * noise_floor.relative_bound(terms)
-
-
-def paired_test(candidate: list[float], baseline: list[float]) -> dict:
-    """Is ``candidate`` no larger than ``baseline`` on average? Paired differences per sample;
-    passes when their mean is at most 3 standard errors above zero."""
-    difference = np.asarray(candidate, np.float64) - np.asarray(baseline, np.float64)
-    mean = float(difference.mean()) if difference.size else 0.0
-    error = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else 0.0
-    return {"candidate_mean": float(np.mean(candidate)) if candidate else 0.0,
-            "baseline_mean": float(np.mean(baseline)) if baseline else 0.0,
-            "mean_difference": mean, "standard_error": error, "passed": mean <= 3 * error}
 
 
 def passed(report: dict) -> bool:
@@ -130,96 +115,6 @@ def _install_taps(qmodel, pairs: _Pairs, captured: dict) -> None:
         state.tap = tap
     for _, site in operand_sites(qmodel).values():
         site.tap = lambda site, operand, x: pairs.check(f"{site.name}.{operand}", x)
-
-
-def _abs_layer(layer):
-    """The layer in float64 with |w| and |bias| (its own forward and input rounding stay)."""
-    copied = copy.deepcopy(layer).double()
-    layer_state(copied).tap = None
-    with torch.no_grad():
-        for parameter in copied.parameters():
-            parameter.abs_()
-    return copied
-
-
-def _replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers,
-                   model_inputs: dict) -> dict:
-    results = {}
-    recurrent = any(is_recurrent(layer) for layer in quantized_layers(qmodel).values())
-    types = onnx_replay.value_types(model) if recurrent else {}
-    pieces = {name: onnx_replay.layer_model(model, name, many=is_recurrent(layer), types=types)
-              for name, layer in quantized_layers(qmodel).items() if name in captured}
-    sizes = onnx_replay.values_of(model, list(dict.fromkeys(
-        v.name for piece in pieces.values() if piece is not None
-        for v in piece.graph.input[1:])), model_inputs, types, providers)
-    for name, layer in quantized_layers(qmodel).items():
-        if name not in captured:
-            results[name] = {"checked": False, "reason": "did not run on the first batch"}
-            continue
-        recurrent = is_recurrent(layer)
-        piece = pieces[name]
-        if piece is None:
-            results[name] = {"checked": False, "reason": "its nodes do not form a one-input, "
-                             "one-output piece of the file (shared or split module)"}
-            continue
-        x = captured[name].float()
-        if recurrent:
-            results[name] = _replay_recurrent(piece, layer, x, providers, sizes)
-            continue
-        with torch.no_grad():
-            expected = layer(x).double()
-            magnitude = _abs_layer(layer)(x.abs().double())
-        ort_session = onnx_replay.session(piece, providers)
-        actual = onnx_replay.run(ort_session, {piece.graph.input[0].name: x.numpy()})[0].double()
-        if actual.shape != expected.shape:
-            results[name] = {"checked": False, "reason": f"shape {tuple(actual.shape)} in the "
-                             f"file, {tuple(expected.shape)} in PyTorch"}
-            continue
-        terms = layer.weight.shape[1:].numel() + 1  # fan-in products and the bias
-        allowed = summation_bound(terms) * magnitude
-        excess = float(((actual - expected).abs() - allowed).max())
-        results[name] = {"checked": True, "within_bound": excess <= 0,
-                         "max_abs_diff": float((actual - expected).abs().max()),
-                         "max_excess_over_bound": excess}
-    return results
-
-
-def _replay_recurrent(piece, layer, x: torch.Tensor, providers, sizes: dict) -> dict:
-    """A recurrent layer's piece judged as the whole model is (a sum bound does not follow a
-    recurrence through its gates): its outputs no further from the layer's float64 run than
-    PyTorch's float32 run is (paired over output vectors: each step of each sequence, each
-    final state), or within the float32 floor
-    ``gamma_K``. Each file output is matched to the layer output of its shape (the closest of
-    equal shapes: h_n and c_n). ``sizes``: the integer sizes the piece reads from elsewhere in
-    the file (``h_0``'s batch size), from the whole file's run on the first batch."""
-    exact = copy.deepcopy(layer).double()
-    layer_state(exact).tap = None
-    with torch.no_grad():
-        ours = [t.double() for _, t in output_leaves(layer(x)) if t.is_floating_point()]
-        with noise_floor.counted_terms(exact) as total:
-            truth = [t for _, t in output_leaves(exact(x.double())) if t.is_floating_point()]
-    feed = {piece.graph.input[0].name: x.numpy()}
-    feed.update({v.name: sizes[v.name] for v in piece.graph.input[1:]})
-    actual = onnx_replay.run(onnx_replay.session(piece, providers), feed)
-    onnx_errors, torch_errors, worst, largest = [], [], 0.0, 0.0
-    for value in (a.double() for a in actual):
-        candidates = [i for i, t in enumerate(truth) if t.shape == value.shape]
-        if not candidates:
-            return {"checked": False, "reason": f"an output of shape {tuple(value.shape)} in "
-                    "the file matches none of the layer's outputs"}
-        index = min(candidates, key=lambda i: float((value - truth[i]).abs().max()))
-        width = value.shape[-1] if value.dim() else 1  # one row per step and sequence
-        onnx_errors.extend((value - truth[index]).square().reshape(-1, width).sum(1).tolist())
-        torch_errors.extend((ours[index] - truth[index]).square().reshape(-1, width).sum(1).tolist())
-        scale = float(truth[index].square().mean().sqrt()) or 1.0
-        worst = max(worst, float((value - truth[index]).square().mean().sqrt()) / scale)
-        largest = max(largest, float((value - ours[index]).abs().max()))
-    paired = paired_test(onnx_errors, torch_errors)
-    bound = noise_floor.relative_bound(max(total[0], 1))
-    return {"checked": True, "within_bound": bool(paired["passed"] or worst <= bound),
-            "max_abs_diff": largest,
-            "relative_deviation_from_float64": worst, "float32_floor": bound,
-            "paired_passed": paired["passed"]}
 
 
 def _per_sample_errors(candidate: list, baseline: list, size: int) -> np.ndarray:
@@ -308,7 +203,7 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
     if count < 2:
         raise ValueError("verify_onnx needs at least 2 samples: the whole-model check compares "
                          "per-sample deviations")
-    layers = _replay_layers(model, qmodel, captured, providers, first_inputs)
+    layers = replay_layers(model, qmodel, captured, providers, first_inputs)
     for result in pairs.results.values():
         result["bit_exact"] = result["mismatches"] == 0
     report = {
