@@ -55,25 +55,25 @@ def _abs_layer(layer):
 def replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers,
                    model_inputs: dict) -> dict:
     results = {}
-    recurrent = any(is_recurrent(layer) for layer in quantized_layers(qmodel).values())
+    layers = quantized_layers(qmodel)
+    recurrent = {name for name, layer in layers.items() if is_recurrent(layer)}
     types = onnx_replay.value_types(model) if recurrent else {}
-    pieces = {name: onnx_replay.layer_model(model, name, many=is_recurrent(layer), types=types)
-              for name, layer in quantized_layers(qmodel).items() if name in captured}
+    pieces = {name: onnx_replay.layer_model(model, name, many=name in recurrent, types=types)
+              for name in layers if name in captured}
     sizes = onnx_replay.values_of(model, list(dict.fromkeys(
         v.name for piece in pieces.values() if piece is not None
         for v in piece.graph.input[1:])), model_inputs, types, providers)
-    for name, layer in quantized_layers(qmodel).items():
+    for name, layer in layers.items():
         if name not in captured:
             results[name] = {"checked": False, "reason": "did not run on the first batch"}
             continue
-        recurrent = is_recurrent(layer)
         piece = pieces[name]
         if piece is None:
             results[name] = {"checked": False, "reason": "its nodes do not form a one-input, "
                              "one-output piece of the file (shared or split module)"}
             continue
         x = captured[name].float()
-        if recurrent:
+        if name in recurrent:
             results[name] = _replay_recurrent(piece, layer, x, providers, sizes)
             continue
         with torch.no_grad():
@@ -119,8 +119,8 @@ def _replay_recurrent(piece, layer, x: torch.Tensor, providers, sizes: dict) -> 
                     "the file matches none of the layer's outputs"}
         index = min(candidates, key=lambda i: float((value - truth[i]).abs().max()))
         width = value.shape[-1] if value.dim() else 1  # one row per step and sequence
-        onnx_errors.extend((value - truth[index]).square().reshape(-1, width).sum(1).tolist())
-        torch_errors.extend((ours[index] - truth[index]).square().reshape(-1, width).sum(1).tolist())
+        for errors, test in ((onnx_errors, value), (torch_errors, ours[index])):
+            errors.extend((test - truth[index]).square().reshape(-1, width).sum(1).tolist())
         scale = float(truth[index].square().mean().sqrt()) or 1.0
         worst = max(worst, float((value - truth[index]).square().mean().sqrt()) / scale)
         largest = max(largest, float((value - ours[index]).abs().max()))

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Mapping
 import tempfile
 import warnings
 from pathlib import Path
@@ -133,7 +134,7 @@ def _dynamic_shapes(args, kwargs, dynamic_batch: bool):
 def _holds_packed(value) -> bool:
     if isinstance(value, PackedSequence):
         return True
-    items = value.values() if isinstance(value, dict) else value \
+    items = value.values() if isinstance(value, Mapping) else value \
         if isinstance(value, (tuple, list)) else ()
     return any(_holds_packed(item) for item in items)
 

@@ -20,6 +20,7 @@ position, in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -140,7 +141,7 @@ def collect_logits(model, batches, quiet: bool = True,
 def _tokens_and_mask(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The token ids of a batch: an integer ``(N, T)`` tensor, a mapping's ``input_ids`` (with
     its ``attention_mask``, if any), or the first item of a tuple or list."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         if "input_ids" not in batch:
             raise ValueError(f"perplexity needs token ids: the batch is a mapping without "
                              f"'input_ids' (keys: {', '.join(map(str, batch))})")

@@ -12,6 +12,7 @@ from hfp8.ptq.quantizers import (
     layer_state,
     operand_sites,
     quantized_layers,
+    site_kind,
     weight_bias_buffer,
 )
 
@@ -62,7 +63,7 @@ def _site_entries(qmodel: nn.Module, report: dict) -> list[dict]:
                 for operand in site.operands},
         })
     for name, reason in (report.sites_kept_float or {}).items():
-        entries.append({"name": name, "kind": name.rpartition(".")[2].rstrip("0123456789"),
+        entries.append({"name": name, "kind": site_kind(name),
                         "status": "float", "reason": reason})
     return entries
 
@@ -93,7 +94,8 @@ def _format_name(fmt: dict | None, bias) -> str:
         return "float"
     name = f"E{fmt['exponent_bits']}M{fmt['mantissa_bits']}"
     if isinstance(bias, dict):  # a recurrent layer's weight matrices
-        bias = [b for value in bias.values() for b in (value if isinstance(value, list) else [value])]
+        bias = [b for value in bias.values()
+                for b in (value if isinstance(value, list) else [value])]
     if isinstance(bias, list):
         low, high = min(bias), max(bias)
         return f"{name} b={low}..{high}" if low != high else f"{name} b={low}"
@@ -134,7 +136,8 @@ def _rows(data: dict) -> list[tuple]:
         for operand, entry in site["operands"].items():
             observer = entry.get("observer") or {}
             rows.append((f"{site['name']}.{operand}",
-                         "hidden state" if site["kind"] == "recurrent" else f"{site['kind']} operand", "-",
+                         "hidden state" if site["kind"] == "recurrent"
+                         else f"{site['kind']} operand", "-",
                          _format_name(site["format"], entry["exponent_bias"]), "-",
                          _percent(observer.get("saturated_fraction")),
                          _percent(observer.get("flushed_fraction")),

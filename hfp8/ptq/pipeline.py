@@ -7,7 +7,8 @@ The data flow, in this order, and why:
    (:mod:`hfp8.ptq.graph_probe`). Layers are then quantized in place
    (:mod:`hfp8.ptq.quantizers`): the model keeps its classes and forward code.
 1. **Weights, round to nearest** (no data needed): each weight matrix (Conv/Linear; a
-   recurrent layer's input, hidden and projection matrices each) with its own exponent bias, chosen from the weight itself (per tensor or per output channel).
+   recurrent layer's input, hidden and projection matrices each) with its own exponent bias,
+   chosen from the weight itself (per tensor or per output channel).
 2. **Analysis pass** over the first ``analysis_batches`` batches (:mod:`hfp8.ptq.calibrate`):
    each layer's input second moments and provisional input ranges; past ``MOMENTS_BYTES`` of
    moments, one more pass (moments only) per further group of layers, each group rounded
@@ -66,6 +67,7 @@ from hfp8.ptq.quantizers import (
     is_quantizable,
     operand_sites,
     quantized_layers,
+    site_kind,
     weight_bias_buffer,
 )
 from hfp8.ptq.refinement import compensate_weights, keep_sensitive_layers_float
@@ -130,7 +132,7 @@ def attach_planned_sites(qmodel: nn.Module, site_plan: dict, probe: ProbeResult,
     in ``config.activation_format``, to their owners found by ``probe``."""
     for owner, locals_ in probe.sites.items():
         chosen = [OperandSite(f"{owner}.{local}" if owner else local, local,
-                              local.rstrip("0123456789"), config.activation_format)
+                              site_kind(local), config.activation_format)
                   for local in locals_ if site_plan[f"{owner}.{local}" if owner else local] is None]
         if chosen:
             attach_sites(qmodel.get_submodule(owner), chosen)

@@ -1,4 +1,5 @@
-"""Which Conv/Linear/recurrent layers and attention and recurrent sites to quantize, before any data-driven choice:
+"""Which Conv/Linear/recurrent layers and attention and recurrent sites to quantize, before
+any data-driven choice:
 the user's patterns, the first/last policy (by position in the data flow), and layers whose
 weight cannot be rounded in place."""
 
@@ -11,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from hfp8.ptq.config import QuantConfig
 from hfp8.ptq.graph_probe import ProbeResult
-from hfp8.ptq.quantizers import is_quantizable, weight_names
+from hfp8.ptq.quantizers import is_quantizable, site_kind, weight_names
 
 __all__ = ["plan_quantization", "FIRST_REASON", "LAST_REASON"]
 
@@ -37,7 +38,7 @@ def plan_quantization(model: nn.Module, config: QuantConfig,
     for owner, locals_ in probe.sites.items():
         for local in locals_:
             name = f"{owner}.{local}" if owner else local
-            if local.startswith("recurrent"):
+            if site_kind(local) == "recurrent":
                 continue  # decided with its layer, below
             sites[name] = None if config.quantize_attention and config.activation_format \
                 else "attention products not quantized (quantize_attention=False or no " \
@@ -68,7 +69,7 @@ def plan_quantization(model: nn.Module, config: QuantConfig,
                 plan[name] = LAST_REASON
     for owner, locals_ in probe.sites.items():  # a hidden state is rounded only in a quantized layer
         for local in locals_:
-            if local.startswith("recurrent"):
+            if site_kind(local) == "recurrent":
                 sites[f"{owner}.{local}" if owner else local] = _recurrent_reason(
                     config, layers.get(owner, "not a quantizable layer"))
     return layers, sites

@@ -20,7 +20,8 @@ makes the call: site ``{module}.matmul{k}`` is its k-th activation-activation ma
 definition with ``query``, ``key``, softmax ``probs`` and ``value`` rounded (softmax itself stays
 float). A recurrent layer's hidden state is a site too: ``{module}.recurrent0``, operand
 ``hidden``, the fused kernel's call computed by definition with the hidden state rounded where a
-weight product reads it (:mod:`hfp8.ptq.recurrent`); a cell's kernel runs on its rounded ``h``. The owner gets a buffer ``{local}_{operand}_exponent_bias`` per operand, an attribute
+weight product reads it (:mod:`hfp8.ptq.recurrent`); a cell's kernel runs on its rounded ``h``.
+The owner gets a buffer ``{local}_{operand}_exponent_bias`` per operand, an attribute
 ``hfp8_sites`` and pre/post hooks that keep a ``TorchFunctionMode`` active while it runs; the
 mode rounds the operands of exactly those calls. Matmuls with a Parameter operand are weights,
 not attention, and are left alone.
@@ -54,7 +55,7 @@ from hfp8.ptq.recurrent import (
 
 __all__ = ["QUANTIZABLE_TYPES", "LayerQuantization", "OperandSite", "quantize_point",
            "attach_layer", "detach_layer", "attach_sites", "quantized_layers", "operand_sites",
-           "is_quantizable", "MATMUL_FUNCTIONS", "SDPA_FUNCTIONS", "SDPA_OPERANDS",
+           "is_quantizable", "site_kind", "MATMUL_FUNCTIONS", "SDPA_FUNCTIONS", "SDPA_OPERANDS",
            "MATMUL_OPERANDS", "RECURRENT_OPERANDS", "weight_bias_buffer", "weight_names"]
 
 QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *RECURRENT_TYPES)
@@ -70,6 +71,12 @@ SDPA_FUNCTIONS = {nn.functional.scaled_dot_product_attention}
 
 def is_quantizable(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZABLE_TYPES)
+
+
+def site_kind(local: str) -> str:
+    """"matmul", "sdpa" or "recurrent": the kind of site ``local`` (``matmul0``, ``sdpa1``,
+    ``recurrent0``) or of a site's full name (``block.sdpa0``)."""
+    return local.rpartition(".")[2].rstrip("0123456789")
 
 
 def weight_bias_buffer(weight: str) -> str:

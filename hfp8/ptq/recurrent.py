@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-__all__ = ["RECURRENT_TYPES", "RECURRENT_FUNCTIONS", "CELL_FUNCTIONS", "weight_names", "round_cell_hidden",
-           "is_recurrent", "recurrence_by_definition"]
+__all__ = ["RECURRENT_TYPES", "RECURRENT_FUNCTIONS", "CELL_FUNCTIONS", "weight_names",
+           "input_weight_names", "round_cell_hidden", "is_recurrent", "recurrence_by_definition"]
 
 RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 _LAYER_FUNCTIONS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "tanh",
@@ -51,6 +51,18 @@ def weight_names(module: nn.Module) -> tuple[str, ...]:
         return tuple(name for name in module._flat_weights_names if name.startswith("weight_"))
     if isinstance(module, nn.RNNCellBase):
         return ("weight_ih", "weight_hh")
+    return ("weight",)
+
+
+def input_weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The weight matrices that multiply the layer's own input (what its input moments
+    describe): ``weight``; a recurrent layer's first-layer input matrices ``weight_ih_l0`` (and
+    ``_reverse``), a cell's ``weight_ih``. The hidden-state matrices and later layers' input
+    matrices read values no hook on the layer sees."""
+    if isinstance(module, nn.RNNBase):
+        return tuple(n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if hasattr(module, n))
+    if isinstance(module, nn.RNNCellBase):
+        return ("weight_ih",)
     return ("weight",)
 
 

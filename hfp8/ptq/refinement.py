@@ -18,6 +18,7 @@ from hfp8.ptq.quantizers import (
     quantized_layers,
     weight_bias_buffer,
 )
+from hfp8.ptq.recurrent import input_weight_names
 from hfp8.ptq.sensitivity import (
     choose_float_layers,
     layer_costs,
@@ -26,23 +27,11 @@ from hfp8.ptq.sensitivity import (
 )
 from hfp8.ptq.weight_rounding import rounded_runs
 
-__all__ = ["compensate_weights", "input_weights", "keep_sensitive_layers_float",
-           "SENSITIVITY_SAMPLES"]
+__all__ = ["compensate_weights", "keep_sensitive_layers_float", "SENSITIVITY_SAMPLES"]
 
 # Samples of the first batch the sensitivity estimate uses: its per-sample random projections
 # average to about +-35% (1.5 dB) per layer, while layers differ by orders of magnitude.
 SENSITIVITY_SAMPLES = 16
-
-
-def input_weights(layer: nn.Module) -> tuple[str, ...]:
-    """The weight matrices that multiply ``layer``'s own input (what its moments describe):
-    ``weight``; a recurrent layer's first-layer input matrices (the hidden-state matrices and
-    later layers read values no hook sees, and stay rounded to nearest)."""
-    if isinstance(layer, nn.RNNBase):
-        return tuple(n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if hasattr(layer, n))
-    if isinstance(layer, nn.RNNCellBase):
-        return ("weight_ih",)
-    return ("weight",)
 
 
 def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> list[str]:
@@ -56,7 +45,7 @@ def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> li
         fmt = layer_state(layer).weight_format
         hessian = moments.pop(name).take_hessian()
         if hessian is not None and fmt is not None:  # else: never ran, or weights stay float
-            for weight_name in input_weights(layer):  # (both directions share the moments)
+            for weight_name in input_weight_names(layer):  # (both directions share H)
                 float_weight = model.get_submodule(name).get_parameter(weight_name).detach()
                 by_format.setdefault(fmt, []).append(((name, weight_name), (
                     float_weight, hessian, getattr(layer, weight_bias_buffer(weight_name)))))
