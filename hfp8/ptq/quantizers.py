@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from hfp8.numerics.formats import FloatFormat
 from hfp8.numerics.ops import scale_for_bias
+from hfp8.numerics.traced_rounding import round_at_bias, traceable
 from hfp8.ptq.attention import attention_by_definition
 from hfp8.ptq.recurrent import (
     CELL_FUNCTIONS,
@@ -133,9 +134,19 @@ def quantize_point(x: torch.Tensor, fmt: FloatFormat | None, exponent_bias: torc
         return trainer(x)
     if fmt is None or not torch.is_tensor(x) or not x.is_floating_point():
         return x
+    if _fusable(x, fmt):
+        return round_at_bias(x, fmt, exponent_bias)
     return torch.ops.hfp8.quantize_dequantize(
         x, scale_for_bias(fmt, exponent_bias), fmt.exponent_bits, fmt.mantissa_bits,
         fmt.specials, site)
+
+
+def _fusable(x: torch.Tensor, fmt: FloatFormat) -> bool:
+    """Under ``torch.compile`` (not ``torch.export``, whose graph must keep one node per point
+    for the ONNX translation), inference rounds with plain torch ops that the compiler fuses into
+    the surrounding elementwise work; the same values (:mod:`hfp8.numerics.traced_rounding`)."""
+    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not (x.requires_grad and torch.is_grad_enabled()) and traceable(fmt, x.dtype))
 
 
 # -- Conv / Linear ----------------------------------------------------------------------------

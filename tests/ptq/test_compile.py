@@ -1,0 +1,89 @@
+"""torch.compile of a quantized model: rounding traced into the graph, the same values."""
+
+import copy
+
+import torch
+
+import hfp8
+from hfp8.data.model_io import output_leaves
+from hfp8.export.layer_replay import paired_test
+from tests.small_models import calibration_batches, trained
+from tests.structures import TinyEncoder, token_batches
+
+
+def _recording_backend(targets: list):
+    """A backend that runs the captured graph eagerly and records every node's target."""
+    def backend(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module
+    return backend
+
+
+def _quantized_encoder():
+    batches = token_batches(count=3)
+    return hfp8.quantize_model(TinyEncoder().eval(), batches, quiet=True), batches
+
+
+def test_compiled_cnn_rounds_in_the_graph_with_the_eager_values_bit_for_bit():
+    qmodel = hfp8.quantize_model(trained("mobilenet_like"), calibration_batches(), quiet=True)
+    x = calibration_batches(1, 16)[0]
+    targets = []
+    compiled = torch.compile(qmodel, backend=_recording_backend(targets), fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), qmodel(x))
+    assert targets and not any("quantize_dequantize" in target for target in targets)
+    assert any("bitwise_and" in target for target in targets)  # the traced rounding is there
+
+
+@torch.no_grad()
+def test_compiled_encoder_rounds_attention_operands_in_the_graph_bit_for_bit():
+    qmodel, batches = _quantized_encoder()
+    targets = []
+    compiled = torch.compile(qmodel, backend=_recording_backend(targets))
+    for batch in batches:
+        expected, actual = qmodel(**batch), compiled(**batch)
+        for (_, want), (_, got) in zip(output_leaves(expected), output_leaves(actual)):
+            assert torch.equal(got, want)
+    assert not any("quantize_dequantize" in target for target in targets)
+    # every site rounds: 8 linear inputs + 4 products' operands in the explicit block, 4 sdpa
+    # operands, the pooler: one bitwise_and per rounding
+    rounding = sum("bitwise_and" in target for target in targets)
+    assert rounding == len(hfp8.ptq.quantizers.quantized_layers(qmodel)) + 4 + 4
+
+
+def _errors(outputs, truths) -> list[float]:
+    """Per sample: sum over output leaves of |o - t|^2 / mean |t|^2."""
+    errors = []
+    for output, truth in zip(outputs, truths):
+        total = 0.0
+        for (_, o), (_, t) in zip(output_leaves(output), output_leaves(truth)):
+            o, t = o.double(), t.double()
+            total = total + (o - t).square().reshape(o.shape[0], -1).sum(1) / t.square().mean()
+        errors.extend(total.tolist())
+    return errors
+
+
+@torch.no_grad()
+def test_inductor_compiled_model_is_as_close_to_the_float64_run_as_eager_float32():
+    qmodel, batches = _quantized_encoder()
+    exact = copy.deepcopy(qmodel).double()
+    compiled = torch.compile(qmodel)
+    eager, fused, truth = [], [], []
+    for batch in batches:
+        eager.append(qmodel(**batch))
+        fused.append(compiled(**batch))
+        truth.append(exact(**batch))
+    test = paired_test(_errors(fused, truth), _errors(eager, truth))
+    assert test["passed"], test
+    assert test["candidate_mean"] > 0  # a real comparison: float32 runs are not exact
+
+
+def test_training_under_compile_keeps_the_straight_through_gradient():
+    qmodel = hfp8.quantize_model(trained("mlp"), calibration_batches(), quiet=True)
+    x = calibration_batches(1, 8)[0].requires_grad_(True)
+    compiled = torch.compile(qmodel, backend="aot_eager")
+    compiled(x).square().sum().backward()
+    fused_gradient = x.grad.clone()
+    x.grad = None
+    qmodel(x).square().sum().backward()
+    assert torch.equal(fused_gradient, x.grad)
