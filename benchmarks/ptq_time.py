@@ -25,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "gallery")]
 
 import hfp8  # noqa: E402
-from hfp8.ptq import pipeline, refinement  # noqa: E402
 from photos import photo_crops  # noqa: E402
 from results_doc import add_update_flag, command_line, markdown_table, write_section  # noqa: E402
+from step_timing import time_steps  # noqa: E402
 
 TITLES = {"mobilenet_v2": "MobileNetV2", "efficientnet_lite2": "EfficientNet-Lite2"}
 STEP_TITLES = {"calibration_pass": "main pass (BN shift and input ranges)",
@@ -35,24 +35,10 @@ STEP_TITLES = {"calibration_pass": "main pass (BN shift and input ranges)",
                "layer_sensitivity": "sensitivity estimate",
                "compensate_weights": "compensated rounding",
                "choose_input_biases": "input bias selection"}
-STEPS = {pipeline: ("analysis_pass", "compensate_weights", "choose_input_biases",
-                     "calibration_pass"), refinement: ("layer_sensitivity",)}
+STEPS = {"hfp8.ptq.pipeline": ("analysis_pass", "compensate_weights", "choose_input_biases",
+                               "calibration_pass"),
+         "hfp8.ptq.refinement": ("layer_sensitivity",)}
 
-
-def time_steps(seconds: dict) -> None:
-    """Wraps each step's function so that its time adds to ``seconds[name]`` (this process
-    only: a benchmark, not the library)."""
-    for module, names in STEPS.items():
-        for name in names:
-            function = getattr(module, name)
-
-            def timed(*args, _function=function, _name=name, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return _function(*args, **kwargs)
-                finally:
-                    seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
-            setattr(module, name, timed)
 
 C = hfp8.QuantConfig
 ROWS = {
@@ -90,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(2)
     seconds: dict = {}
     if args.steps:
-        time_steps(seconds)
+        time_steps(seconds, STEPS)
     for name in (("mobilenet_v2", "efficientnet_lite2") if args.model == "both" else (args.model,)):
         model, size = load(name)
         batches = list(photo_crops("calibration", 256, seed=0, size=size).split(32))

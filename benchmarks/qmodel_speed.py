@@ -3,20 +3,30 @@
     python benchmarks/qmodel_speed.py [--batches 1 16] [--runs 30] [--update-docs]
 
 MobileNetV2 (ImageNet weights, 224x224) and the 10M-parameter decoder (4 x 128 tokens per
-batch unit): the float model and its default quantization (``hfp8.quantize_model``) run on the
-same input, interleaved, after warm-up; median of ``--runs``. 2 threads; glibc's allocator at
-its defaults (this machine's page-fault behaviour moves a MobileNetV2 forward by 2-4x from
-run to run, hence the interleaving and the medians).
+batch unit): the float model and its default quantization (``hfp8.quantize_model``), each eager
+and under ``torch.compile`` (inductor, default mode), run on the same input, interleaved, after
+warm-up; median of ``--runs``. Compilation starts from an empty inductor cache (a temporary
+``TORCHINDUCTOR_CACHE_DIR``), so the compile column is what a first run costs. Fidelity of the
+compiled quantized model: its outputs and the eager ones against the quantized model's own
+float64 run (mean relative squared error per sample), the yardstick of the ONNX verification. 2
+threads; glibc's allocator at its defaults (this machine's page-fault behaviour moves a
+MobileNetV2 forward by 2-4x from run to run, hence the interleaving and the medians).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+# before torch is imported: compile from scratch, as a first run does
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="qmodel_speed_inductor_"))
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "gallery")]
@@ -37,6 +47,21 @@ def models():
     yield "decoder 10M", decoder("10M"), tokens, lambda batch: torch.cat(tokens)[:batch]
 
 
+def _compiled(model, x) -> tuple:
+    """``torch.compile(model)`` and the seconds its first call took (compilation)."""
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    compiled(x)
+    return compiled, time.perf_counter() - start
+
+
+def _deviation(output: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean over samples of ``|output - truth|^2 / mean |truth|^2`` (float64)."""
+    output, truth = output.double(), truth.double()
+    per_sample = (output - truth).square().reshape(output.shape[0], -1).sum(1)
+    return float(per_sample.mean() / truth.square().mean())
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,24 +73,45 @@ def main() -> None:
     rows = []
     for name, model, calibration, example in models():
         qmodel = hfp8.quantize_model(model, calibration, quiet=True)
+        exact = copy.deepcopy(qmodel).double()
         for batch in args.batches:
             x = example(batch)
-            times = {"float": [], "quantized": []}
+            float_compiled, float_compile_s = _compiled(model, x)
+            quantized_compiled, quantized_compile_s = _compiled(qmodel, x)
+            nets = {"float": model, "quantized": qmodel, "float compiled": float_compiled,
+                    "quantized compiled": quantized_compiled}
+            truth = exact(x.double() if x.is_floating_point() else x)
+            deviations = (_deviation(qmodel(x), truth), _deviation(quantized_compiled(x), truth))
+            times = {label: [] for label in nets}
             for _ in range(3):
-                model(x), qmodel(x)
+                for net in nets.values():
+                    net(x)
             for _ in range(args.runs):
-                for label, net in (("float", model), ("quantized", qmodel)):
+                for label, net in nets.items():
                     start = time.perf_counter()
                     net(x)
                     times[label].append(time.perf_counter() - start)
-            median = {label: statistics.median(values) * 1e3 for label, values in times.items()}
-            ratio = median["quantized"] / median["float"]
-            print(f"{name}, batch {batch}: float {median['float']:.1f} ms, quantized "
-                  f"{median['quantized']:.1f} ms, {ratio:.2f}x", flush=True)
-            rows.append([name, str(batch), f"{median['float']:.1f}", f"{median['quantized']:.1f}",
-                         f"**{ratio:.2f}x**"])
-    table = markdown_table(["model", "batch", "float ms", "quantized ms", "quantized / float"],
-                           rows)
+            ms = {label: statistics.median(values) * 1e3 for label, values in times.items()}
+            eager = ms["quantized"] / ms["float"]
+            fused = ms["quantized compiled"] / ms["float"]
+            fused_both = ms["quantized compiled"] / ms["float compiled"]
+            print(f"{name}, batch {batch}: float {ms['float']:.1f} ms, quantized "
+                  f"{ms['quantized']:.1f} ms ({eager:.2f}x); compiled: float "
+                  f"{ms['float compiled']:.1f} ms, quantized {ms['quantized compiled']:.1f} ms "
+                  f"({fused:.2f}x of eager float, {fused_both:.2f}x of compiled float); compile "
+                  f"{float_compile_s:.0f} s / {quantized_compile_s:.0f} s; deviation from the "
+                  f"float64 run: eager {deviations[0]:.3g}, compiled {deviations[1]:.3g}",
+                  flush=True)
+            rows.append([name, str(batch), f"{ms['float']:.1f}", f"{ms['quantized']:.1f}",
+                         f"**{eager:.2f}x**", f"{ms['float compiled']:.1f}",
+                         f"{ms['quantized compiled']:.1f}", f"**{fused:.2f}x**",
+                         f"{fused_both:.2f}x", f"{quantized_compile_s:.0f} s",
+                         f"{deviations[0]:.2g} / {deviations[1]:.2g}"])
+    table = markdown_table(
+        ["model", "batch", "float ms", "quantized ms", "quantized / float",
+         "float compiled ms", "quantized compiled ms", "quantized compiled / float",
+         "quantized compiled / float compiled", "compile (quantized)",
+         "deviation from float64: eager / compiled"], rows)
     print(table)
     if args.update_docs:
         write_section("qmodel-speed", table, command_line())

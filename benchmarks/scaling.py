@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
 
 from child_runs import run_child  # noqa: E402
+from step_timing import StepMemory, time_steps  # noqa: E402
 
 STEPS = {  # module -> functions of quantize_model timed as steps
     "hfp8.ptq.pipeline": ("_quantize_weights", "analysis_pass", "compensate_weights",
@@ -40,52 +41,6 @@ STEP_TITLES = {"_quantize_weights": "weights: bias choice + nearest rounding",
                "keep_sensitive_layers_float": "sensitivity + float budget",
                "calibration_pass": "main pass (input ranges)",
                "choose_input_biases": "input bias selection"}
-
-
-class _StepMemory:
-    """Peak resident memory within each timed step: a thread samples /proc/self/statm every
-    5 ms and charges the current step (the outermost running one)."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.current, self.peaks = "setup", {}
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        with open("/proc/self/statm") as statm:
-            while not self._stop.wait(0.005):
-                statm.seek(0)
-                resident = int(statm.read().split()[1]) * self.page
-                if resident > self.peaks.get(self.current, 0):
-                    self.peaks[self.current] = resident
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        return self.peaks
-
-
-def _time_steps(seconds: dict, memory: _StepMemory) -> None:
-    import importlib
-
-    for module_name, names in STEPS.items():
-        module = importlib.import_module(module_name)
-        for name in names:
-            function = getattr(module, name)
-
-            def timed(*args, _function=function, _name=name, **kwargs):
-                start, outer = time.perf_counter(), memory.current
-                memory.current = _name if outer == "other" else outer
-                try:
-                    return _function(*args, **kwargs)
-                finally:
-                    seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
-                    memory.current = outer
-            setattr(module, name, timed)
 
 
 def child(size: str, quantize: bool, repeats: int) -> dict:
@@ -113,8 +68,8 @@ def child(size: str, quantize: bool, repeats: int) -> dict:
         import hfp8
 
         seconds: dict = {}
-        memory = _StepMemory()
-        _time_steps(seconds, memory)
+        memory = StepMemory()
+        time_steps(seconds, STEPS, memory)
         ptq = []
         for _ in range(repeats):
             seconds.clear()

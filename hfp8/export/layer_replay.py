@@ -15,7 +15,6 @@ import copy
 import math
 
 import numpy as np
-import onnx
 import torch
 
 from hfp8.data.model_io import output_leaves
@@ -23,7 +22,11 @@ from hfp8.export import noise_floor, onnx_replay
 from hfp8.ptq.quantizers import layer_state, quantized_layers
 from hfp8.ptq.recurrent import is_recurrent
 
-__all__ = ["replay_layers", "summation_bound", "paired_test"]
+__all__ = ["replay_layers", "summation_bound", "paired_test", "PIECES_BYTES"]
+
+# The most weights (serialized bytes) one replay session holds: pieces are replayed side by side
+# in sessions of up to this size, so verification's memory does not grow with the model.
+PIECES_BYTES = 256 << 20
 
 
 def summation_bound(terms: int) -> float:
@@ -52,67 +55,97 @@ def _abs_layer(layer):
     return copied
 
 
-def replay_layers(model: onnx.ModelProto, qmodel, captured: dict, providers,
-                   model_inputs: dict) -> dict:
+def replay_layers(index: onnx_replay.FileIndex, qmodel, captured: dict, providers,
+                  model_inputs: dict) -> dict:
+    """Per quantized layer of ``qmodel``: its piece of the file (``index``) replayed on
+    ``captured[name]`` (its input on the first batch) and judged; ``model_inputs``: the whole
+    file's inputs on that batch (for the sizes a recurrent piece reads)."""
     results = {}
+    model = index.model
     layers = quantized_layers(qmodel)
     recurrent = {name for name, layer in layers.items() if is_recurrent(layer)}
     types = onnx_replay.value_types(model) if recurrent else {}
-    pieces = {name: onnx_replay.layer_model(model, name, many=name in recurrent, types=types)
+    pieces = {name: onnx_replay.layer_model(model, name, many=name in recurrent, types=types,
+                                            index=index)
               for name in layers if name in captured}
     sizes = onnx_replay.values_of(model, list(dict.fromkeys(
         v.name for piece in pieces.values() if piece is not None
         for v in piece.graph.input[1:])), model_inputs, types, providers)
-    for name, layer in layers.items():
+    checkable = {}
+    for name in layers:
         if name not in captured:
             results[name] = {"checked": False, "reason": "did not run on the first batch"}
-            continue
-        piece = pieces[name]
-        if piece is None:
+        elif pieces[name] is None:
             results[name] = {"checked": False, "reason": "its nodes do not form a one-input, "
                              "one-output piece of the file (shared or split module)"}
-            continue
-        x = captured[name].float()
-        if name in recurrent:
-            results[name] = _replay_recurrent(piece, layer, x, providers, sizes)
-            continue
-        with torch.no_grad():
-            expected = layer(x).double()
-            magnitude = _abs_layer(layer)(x.abs().double())
-        ort_session = onnx_replay.session(piece, providers)
-        actual = onnx_replay.run(ort_session, {piece.graph.input[0].name: x.numpy()})[0].double()
-        if actual.shape != expected.shape:
-            results[name] = {"checked": False, "reason": f"shape {tuple(actual.shape)} in the "
-                             f"file, {tuple(expected.shape)} in PyTorch"}
-            continue
-        terms = layer.weight.shape[1:].numel() + 1  # fan-in products and the bias
-        allowed = summation_bound(terms) * magnitude
-        excess = float(((actual - expected).abs() - allowed).max())
-        results[name] = {"checked": True, "within_bound": excess <= 0,
-                         "max_abs_diff": float((actual - expected).abs().max()),
-                         "max_excess_over_bound": excess}
-    return results
+        else:
+            checkable[name] = pieces[name]
+    if not checkable:
+        return results
+    feeds = {name: [captured[name].float().numpy(),
+                    *(sizes[v.name] for v in piece.graph.input[1:])]
+             for name, piece in checkable.items()}
+    outputs = {}
+    for group in _groups(checkable, PIECES_BYTES):  # one session and one run per group
+        outputs.update(onnx_replay.Pieces(group, providers).run({k: feeds[k] for k in group}))
+    for name in checkable:
+        layer, x = layers[name], captured[name].float()
+        actual = [torch.from_numpy(np.asarray(value)).double() for value in outputs[name]]
+        results[name] = (_judge_recurrent(layer, x, actual) if name in recurrent
+                         else _judge_layer(layer, x, actual[0]))
+    order = {name: index for index, name in enumerate(layers)}
+    return dict(sorted(results.items(), key=lambda item: order[item[0]]))
 
 
-def _replay_recurrent(piece, layer, x: torch.Tensor, providers, sizes: dict) -> dict:
+def _groups(pieces: dict, limit: int):
+    """``pieces`` in consecutive groups of at most ``limit`` serialized bytes (at least one
+    piece per group): a group's weights are what its session holds at once."""
+    group, used = {}, 0
+    for name, piece in pieces.items():
+        size = piece.ByteSize()
+        if group and used + size > limit:
+            yield group
+            group, used = {}, 0
+        group[name] = piece
+        used += size
+    if group:
+        yield group
+
+
+def _judge_layer(layer, x: torch.Tensor, actual: torch.Tensor) -> dict:
+    """The file's output of a Conv/Linear layer against the layer's float32 output, within
+    the summation bound computed on ``|x|`` and ``|w|``."""
+    with torch.no_grad():
+        expected = layer(x).double()
+        magnitude = _abs_layer(layer)(x.abs().double())
+    if actual.shape != expected.shape:
+        return {"checked": False, "reason": f"shape {tuple(actual.shape)} in the file, "
+                f"{tuple(expected.shape)} in PyTorch"}
+    terms = layer.weight.shape[1:].numel() + 1  # fan-in products and the bias
+    allowed = summation_bound(terms) * magnitude
+    excess = float(((actual - expected).abs() - allowed).max())
+    return {"checked": True, "within_bound": excess <= 0,
+            "max_abs_diff": float((actual - expected).abs().max()),
+            "max_excess_over_bound": excess}
+
+
+def _judge_recurrent(layer, x: torch.Tensor, actual: list[torch.Tensor]) -> dict:
     """A recurrent layer's piece judged as the whole model is (a sum bound does not follow a
     recurrence through its gates): its outputs no further from the layer's float64 run than
     PyTorch's float32 run is (paired over output vectors: each step of each sequence, each
     final state), or within the float32 floor
     ``gamma_K``. Each file output is matched to the layer output of its shape (the closest of
-    equal shapes: h_n and c_n). ``sizes``: the integer sizes the piece reads from elsewhere in
-    the file (``h_0``'s batch size), from the whole file's run on the first batch."""
+    equal shapes: h_n and c_n). The piece ran on ``x`` and on the integer sizes it reads from
+    elsewhere in the file (``h_0``'s batch size, from the whole file's run on the first
+    batch)."""
     exact = copy.deepcopy(layer).double()
     layer_state(exact).tap = None
     with torch.no_grad():
         ours = [t.double() for _, t in output_leaves(layer(x)) if t.is_floating_point()]
         with noise_floor.counted_terms(exact) as total:
             truth = [t for _, t in output_leaves(exact(x.double())) if t.is_floating_point()]
-    feed = {piece.graph.input[0].name: x.numpy()}
-    feed.update({v.name: sizes[v.name] for v in piece.graph.input[1:]})
-    actual = onnx_replay.run(onnx_replay.session(piece, providers), feed)
     onnx_errors, torch_errors, worst, largest = [], [], 0.0, 0.0
-    for value in (a.double() for a in actual):
+    for value in actual:
         candidates = [i for i, t in enumerate(truth) if t.shape == value.shape]
         if not candidates:
             return {"checked": False, "reason": f"an output of shape {tuple(value.shape)} in "

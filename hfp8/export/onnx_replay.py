@@ -7,7 +7,8 @@
   LSTM/GRU operator or unrolled steps), with one input and one output (or several), or ``None``
   when the layer's nodes do not form such a piece;
 * :func:`session` and :func:`feed`: a default onnxruntime session (as users create them) and the
-  mapping from a model's inputs to the session's named inputs.
+  mapping from a model's inputs to the session's named inputs;
+* :class:`Pieces`: many such pieces side by side in one session (one build, one run for all).
 """
 
 from __future__ import annotations
@@ -19,38 +20,70 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from onnx import helper
+from onnx import compose, helper
 
 from hfp8.export.onnx_graph import node_scopes, site_nodes
 from hfp8.export.onnx_ops import PAIR_ROLES
 
-__all__ = ["pair_model", "layer_model", "session", "feed", "run", "values_of", "value_types"]
+__all__ = ["pair_model", "layer_model", "session", "feed", "run", "values_of", "value_types",
+           "Pieces", "FileIndex"]
 
 
-def _sub_model(model: onnx.ModelProto, nodes: list, name: str,
+class FileIndex:
+    """What cutting pieces out of ``model`` needs, computed once per file (every lookup below
+    is then proportional to the piece, not to the file: cutting one piece per layer of a large
+    model stays linear in the model): the nodes in graph order, each module scope's nodes,
+    the tagged sites' nodes, initializers, Constant nodes, the readers of every value."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.model = model
+        self.every = list(graph.node)  # one wrapper per node: identities below stay valid
+        self.scoped: dict[str, list] = {}
+        self.unscoped = []
+        for node in self.every:
+            scopes = node_scopes(node)
+            for scope in dict.fromkeys(scopes):
+                self.scoped.setdefault(scope, []).append(node)
+            if not scopes:
+                self.unscoped.append(node)
+        self.sites = site_nodes(model)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants = {n.output[0]: n for n in self.every if n.op_type == "Constant"}
+        self.readers: dict[str, list[int]] = {}
+        for node in self.every:
+            for value in node.input:
+                self.readers.setdefault(value, []).append(id(node))
+        self.graph_outputs = {output.name for output in graph.output}
+        self.shape_values = _ShapeValues(graph)
+
+    def read_outside(self, value: str, inside: set[int]) -> bool:
+        """Whether a node not in ``inside`` (identities) or a graph output reads ``value``."""
+        return value in self.graph_outputs or any(
+            reader not in inside for reader in self.readers.get(value, ()))
+
+
+def _sub_model(index: FileIndex, nodes: list, name: str,
                outputs_from: list | None = None, many: bool = False,
                types: dict | None = None) -> onnx.ModelProto | None:
     """``nodes`` as a model with one input and one output (``many``: one or more), or None;
     the outputs are the values of ``outputs_from`` (default: all nodes) that the rest of the
     graph reads."""
-    graph = model.graph
+    model = index.model
     sources = {id(node) for node in (nodes if outputs_from is None else outputs_from)}
     produced = {output for node in nodes for output in node.output}
     consumed = [value for node in nodes for value in node.input if value]
-    initializers = {t.name: t for t in graph.initializer}
-    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    initializers, constants = index.initializers, index.constants
     extra = [constants[v] for v in dict.fromkeys(consumed) if v in constants and v not in produced]
     nodes = extra + list(nodes)
     produced |= {n.output[0] for n in extra}
     inputs = [v for v in dict.fromkeys(consumed) if v not in produced and v not in initializers]
-    shape_valued = _ShapeValues(graph) if many else None
+    shape_valued = index.shape_values if many else None
     if many and not all(shape_valued(v) for v in inputs[1:]):
         return None  # more than sizes and constants (h_0 of another layer's batch size) come in
     inside = {id(node) for node in nodes}
-    readers_outside = {value for node in graph.node if id(node) not in inside for value in node.input}
-    readers_outside |= {output.name for output in graph.output}
     outputs = [v for node in nodes if id(node) in sources for v in node.output
-               if v in readers_outside and not (many and shape_valued(v))]
+               if v and index.read_outside(v, inside) and not (many and shape_valued(v))]
     if (len(inputs) != 1 and not many) or not outputs or (len(outputs) > 1 and not many):
         return None
     sub = helper.make_graph(
@@ -115,36 +148,39 @@ def values_of(model: onnx.ModelProto, names: list[str], inputs: dict, types: dic
     return dict(zip(names, found, strict=True))
 
 
-def pair_model(model: onnx.ModelProto, site: str) -> onnx.ModelProto | None:
-    """The clamp (if any), QuantizeLinear and DequantizeLinear of ``site`` as a model."""
-    roles = site_nodes(model).get(site, {})
+def pair_model(model: onnx.ModelProto, site: str,
+               index: FileIndex | None = None) -> onnx.ModelProto | None:
+    """The clamp (if any), QuantizeLinear and DequantizeLinear of ``site`` as a model
+    (``index``: the file's :class:`FileIndex`, when cutting many pieces)."""
+    index = index or FileIndex(model)
+    roles = index.sites.get(site, {})
     order = [roles[r] for r in PAIR_ROLES if r in roles]
     if "quantize" not in roles or "dequantize" not in roles:
         return None
-    return _sub_model(model, order, f"{site}_qdq")
+    return _sub_model(index, order, f"{site}_qdq")
 
 
 def layer_model(model: onnx.ModelProto, layer: str, many: bool = False,
-                types: dict | None = None) -> onnx.ModelProto | None:
+                types: dict | None = None, index: FileIndex | None = None) -> onnx.ModelProto | None:
     """Every node exported under module ``layer``'s scope, if they form a one-input,
     one-output piece (``many``: one or more outputs, as a recurrent layer's sequence and final
     states, and besides the layer input any number of values computed elsewhere from tensor
     shapes and constants, as ``h_0``'s batch size: :func:`values_of` gives them; ``types``
-    from :func:`value_types` declares them)."""
-    every = list(model.graph.node)  # one wrapper per node: identities below stay valid
-    nodes = [node for node in every if layer in node_scopes(node)]
+    from :func:`value_types` declares them; ``index``: the file's :class:`FileIndex`)."""
+    index = index or FileIndex(model)
+    nodes = list(index.scoped.get(layer, ()))
     if many and nodes:  # nodes the exporter left unscoped (Split of a chunk) that read only these
         produced = {o for node in nodes for o in node.output}
-        known = produced | {t.name for t in model.graph.initializer}
+        known = produced | set(index.initializers)
         chosen = {id(node) for node in nodes}
-        for node in every:
-            if id(node) not in chosen and not node_scopes(node) and node.input and \
-                    all(v in known for v in node.input if v) and any(v in produced for v in node.input):
+        for node in index.unscoped:
+            if node.input and all(v in known for v in node.input if v) and \
+                    any(v in produced for v in node.input):
                 chosen.add(id(node))
                 produced.update(node.output)
                 known.update(node.output)
-        nodes = [node for node in every if id(node) in chosen]
-    pair = site_nodes(model).get(layer, {})  # its input pair, also when shared with another
+        nodes = [node for node in index.every if id(node) in chosen]
+    pair = index.sites.get(layer, {})  # its input pair, also when shared with another
     pair = [pair[r] for r in PAIR_ROLES if r in pair]
     if pair:  # the exporter may tag the caller's reshaping of the input with the layer's scope
         upstream = _ancestors(nodes, pair[0].input[0])
@@ -153,7 +189,7 @@ def layer_model(model: onnx.ModelProto, layer: str, many: bool = False,
     in_pair = {id(node) for node in pair}
     extra = [node for node in pair if id(node) not in inside]
     own = [node for node in nodes if id(node) not in in_pair]  # the layer's output comes from these
-    return _sub_model(model, extra + nodes, layer, outputs_from=own, many=many,
+    return _sub_model(index, extra + nodes, layer, outputs_from=own, many=many,
                       types=types) if nodes else None
 
 
@@ -218,3 +254,38 @@ def feed(ort_session, model, args: tuple, kwargs: dict) -> dict[str, np.ndarray]
 
 def run(ort_session, inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy(np.asarray(out)) for out in ort_session.run(None, inputs)]
+
+
+class Pieces:
+    """Pieces of a file (:func:`pair_model`, :func:`layer_model`) side by side in one model and
+    one default session: each keeps its own nodes, weights and inputs (names prefixed per
+    piece, so pieces that copy the same nodes stay apart). Building one session and running it
+    once costs a fraction of one session per piece (onnxruntime's per-session setup dominates
+    for small pieces); each piece computes exactly what it computes alone."""
+
+    def __init__(self, pieces: dict[str, onnx.ModelProto], providers=("CPUExecutionProvider",)):
+        self.inputs: dict[str, list[str]] = {}
+        self.outputs: dict[str, list[str]] = {}
+        first = next(iter(pieces.values()))
+        graph = helper.make_graph([], "pieces", [], [])
+        for index, (key, piece) in enumerate(pieces.items()):
+            renamed = compose.add_prefix(piece, f"p{index}/")
+            graph.node.extend(renamed.graph.node)
+            graph.initializer.extend(renamed.graph.initializer)
+            graph.input.extend(renamed.graph.input)
+            graph.output.extend(renamed.graph.output)
+            self.inputs[key] = [v.name for v in renamed.graph.input]
+            self.outputs[key] = [v.name for v in renamed.graph.output]
+        merged = helper.make_model(graph, opset_imports=first.opset_import)
+        merged.ir_version = first.ir_version
+        self.session = session(merged, providers)
+
+    def run(self, feeds: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
+        """``feeds[key]``: the arrays for piece ``key``'s inputs, in order (every piece must be
+        fed; an empty array where a piece has nothing to compute). Returns each piece's
+        outputs."""
+        given = {name: array for key, arrays in feeds.items()
+                 for name, array in zip(self.inputs[key], arrays, strict=True)}
+        wanted = [name for key in self.outputs for name in self.outputs[key]]
+        found = dict(zip(wanted, self.session.run(wanted, given), strict=True))
+        return {key: [found[name] for name in names] for key, names in self.outputs.items()}

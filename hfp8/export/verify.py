@@ -80,28 +80,40 @@ def passed(report: dict) -> bool:
 
 
 class _Pairs:
-    """Runs captured values through each point's Q/DQ nodes from the file."""
+    """Runs captured values through each point's Q/DQ nodes from the file: the values of one
+    batch are collected per point (:meth:`check`) and go through every pair in one run of one
+    session (:meth:`flush`)."""
 
-    def __init__(self, model: onnx.ModelProto, points: dict, providers) -> None:
-        self.points, self.sessions, self.results = points, {}, {}
+    def __init__(self, index: onnx_replay.FileIndex, points: dict, providers) -> None:
+        self.points, self.results, self.pending = points, {}, {}
+        pieces = {}
         for name in points:
-            pair = onnx_replay.pair_model(model, name)
-            if pair is None:
+            pieces[name] = onnx_replay.pair_model(index.model, name, index)
+            if pieces[name] is None:
                 raise ValueError(f"no Q/DQ nodes for quantization point {name!r} in the file; "
                                  "was it exported from this model?")
-            self.sessions[name] = (onnx_replay.session(pair, providers), pair.graph.input[0].name)
             self.results[name] = {"values": 0, "mismatches": 0}
-            point = points[name]
+        self.pieces = onnx_replay.Pieces(pieces, providers) if pieces else None
+        for name, point in points.items():
             self.check(name, probe_values(point.fmt.with_bias(int(point.exponent_bias))))
+        self.flush()
 
     def check(self, name: str, x: torch.Tensor) -> None:
-        point = self.points[name]
-        values = x.detach().float().cpu().reshape(-1).contiguous()
-        expected = quantize_point(values, point.fmt, point.exponent_bias.cpu(), name).numpy()
-        ort_session, input_name = self.sessions[name]
-        actual = ort_session.run(None, {input_name: values.numpy()})[0]
-        self.results[name]["values"] += values.numel()
-        self.results[name]["mismatches"] += _bitwise_mismatches(expected, actual)
+        # a copy: the model may change its input in place before the batch ends
+        self.pending.setdefault(name, []).append(x.detach().float().cpu().reshape(-1).clone())
+
+    def flush(self) -> None:
+        if self.pieces is None:
+            return
+        values = {name: torch.cat(self.pending.get(name, [torch.empty(0)])).contiguous()
+                  for name in self.points}
+        self.pending = {}
+        actual = self.pieces.run({name: [v.numpy()] for name, v in values.items()})
+        for name, v in values.items():
+            point = self.points[name]
+            expected = quantize_point(v, point.fmt, point.exponent_bias.cpu(), name).numpy()
+            self.results[name]["values"] += v.numel()
+            self.results[name]["mismatches"] += _bitwise_mismatches(expected, actual[name][0])
 
 
 def _install_taps(qmodel, pairs: _Pairs, captured: dict) -> None:
@@ -152,7 +164,8 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
     ort_session = onnx_replay.session(model, providers)
     qmodel = copy.deepcopy(qmodel).eval().cpu().float()
     exact = copy.deepcopy(qmodel).double()
-    pairs = _Pairs(model, quant_points(qmodel), providers)
+    file_index = onnx_replay.FileIndex(model)  # once: cutting pieces stays linear in the file
+    pairs = _Pairs(file_index, quant_points(qmodel), providers)
     captured: dict = {}
     _install_taps(qmodel, pairs, captured)
     errors = {"onnx": [], "torch": [], "onnx_float": [], "torch_float": []}
@@ -162,6 +175,7 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
                                                       "Verifying ONNX", quiet)):
         args, kwargs, _ = split_batch(qmodel, batch)
         named = output_leaves(qmodel(*args, **kwargs))
+        pairs.flush()
         leaves = [t.float() for _, t in named]
         if index == 0:
             for state in (layer_state(m) for m in quantized_layers(qmodel).values()):
@@ -203,7 +217,7 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
     if count < 2:
         raise ValueError("verify_onnx needs at least 2 samples: the whole-model check compares "
                          "per-sample deviations")
-    layers = replay_layers(model, qmodel, captured, providers, first_inputs)
+    layers = replay_layers(file_index, qmodel, captured, providers, first_inputs)
     for result in pairs.results.values():
         result["bit_exact"] = result["mismatches"] == 0
     report = {

@@ -54,6 +54,12 @@ from hfp8.ptq.recurrent import (
     weight_names,
 )
 
+# A quantized layer keeps its class and forward; its input rounding lives in a forward pre-hook.
+# TorchDynamo by default does not guard on hooks, so a graph it compiled for a float model would
+# be reused for the quantized copy (same class, same shapes) and silently skip the rounding
+# (measured on MobileNetV2: the compiled "quantized" model partly float). Guard on hooks.
+torch._dynamo.config.skip_nnmodule_hook_guards = False
+
 __all__ = ["QUANTIZABLE_TYPES", "LayerQuantization", "OperandSite", "quantize_point",
            "attach_layer", "detach_layer", "attach_sites", "quantized_layers", "operand_sites",
            "is_quantizable", "site_kind", "MATMUL_FUNCTIONS", "SDPA_FUNCTIONS", "SDPA_OPERANDS",

@@ -11,6 +11,7 @@ from torch import nn
 
 import hfp8
 from hfp8 import FloatFormat
+from hfp8.export.verify import passed
 from hfp8.ptq.quantizers import quantized_layers
 from tests.small_models import calibration_batches, digits, trained
 
@@ -44,7 +45,7 @@ def test_onnxruntime_reproduces_the_quantized_model(tmp_path, name, granularity)
     assert all(r["checked"] and r["within_bound"] for r in report["layers"].values())
     # The whole model: no further from the float64 run than PyTorch's float32 run.
     assert report["whole_model"]["passed"] and report["samples"] == 200
-    assert hfp8.export.verify.passed(report)
+    assert passed(report)
 
 
 def test_float_model_export_matches_to_summation_noise(tmp_path):
@@ -114,7 +115,7 @@ def test_file_is_small_deterministic_and_batch_is_dynamic(tmp_path):
     assert digest("a.onnx") == digest("b.onnx")
     for batch in (1, 7):  # the batch dimension is free
         assert _run(tmp_path / "a.onnx", torch.randn(batch, 64)).shape == (batch, 10)
-    assert hfp8.export.verify.passed(hfp8.verify_onnx(qmodel, tmp_path / "a.onnx",
+    assert passed(hfp8.verify_onnx(qmodel, tmp_path / "a.onnx",
                                                    [torch.randn(7, 64), torch.randn(1, 64)]))
 
 
@@ -125,7 +126,7 @@ def test_ieee_e4m3_and_e5m2_export_with_exact_pairs(tmp_path):
         path = tmp_path / f"{fmt.name}.onnx"
         model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
         report = hfp8.verify_onnx(qmodel, path, [digits()[2][:100]])
-        assert report["bit_exact"] and hfp8.export.verify.passed(report)
+        assert report["bit_exact"] and passed(report)
         expected_type = onnx.TensorProto.FLOAT8E5M2 if fmt == hfp8.E5M2 else onnx.TensorProto.FLOAT8E4M3FN
         assert any(t.data_type == expected_type for t in model.graph.initializer)
         if fmt == ieee:  # clamp to +-240 s before Q (as Where)
@@ -215,7 +216,7 @@ def test_verification_fails_on_a_tampered_file(tmp_path):
     path = tmp_path / "q.onnx"
     model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
     samples = [digits()[2][:100]]
-    assert hfp8.export.verify.passed(hfp8.verify_onnx(qmodel, path, samples))
+    assert passed(hfp8.verify_onnx(qmodel, path, samples))
 
     # 1. a float part of the graph goes wrong (as onnxruntime's Relu fusion makes it): every
     # Relu becomes the identity. Pairs stay exact; layer replay and the whole model catch it.
@@ -226,7 +227,7 @@ def test_verification_fails_on_a_tampered_file(tmp_path):
     onnx.save(broken, tmp_path / "relu.onnx")
     report = hfp8.verify_onnx(qmodel, tmp_path / "relu.onnx", samples)
     assert report["bit_exact"] and not report["whole_model"]["passed"]
-    assert not hfp8.export.verify.passed(report)
+    assert not passed(report)
 
     # 2. a Q/DQ pair rounds differently (its scale doubled)
     broken = onnx.ModelProto.FromString(model.SerializeToString())
@@ -235,7 +236,7 @@ def test_verification_fails_on_a_tampered_file(tmp_path):
     scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
     onnx.save(broken, tmp_path / "scale.onnx")
     report = hfp8.verify_onnx(qmodel, tmp_path / "scale.onnx", samples)
-    assert not report["pairs"]["1.0"]["bit_exact"] and not hfp8.export.verify.passed(report)
+    assert not report["pairs"]["1.0"]["bit_exact"] and not passed(report)
 
     # 3. a weight code flipped: pairs exact, the layer replay catches it
     broken = onnx.ModelProto.FromString(model.SerializeToString())
@@ -246,7 +247,25 @@ def test_verification_fails_on_a_tampered_file(tmp_path):
     onnx.save(broken, tmp_path / "weight.onnx")
     report = hfp8.verify_onnx(qmodel, tmp_path / "weight.onnx", samples)
     assert report["bit_exact"] and not report["layers"]["1.0"]["within_bound"]
-    assert not hfp8.export.verify.passed(report)
+    # the layers are replayed side by side in one session: each on its own nodes only
+    assert all(r["within_bound"] for name, r in report["layers"].items() if name != "1.0")
+    assert not passed(report)
+
+
+def test_verification_reads_each_node_of_the_file_once_whatever_the_number_of_layers(
+        tmp_path, monkeypatch):
+    # cutting one piece per layer and per pair from an index built once: the work is linear
+    # in the file (scanning the whole file per layer made a 1,000-layer model quadratic)
+    from hfp8.export import onnx_replay
+    qmodel = _quantized("resnet")
+    path = tmp_path / "q.onnx"
+    model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    calls = []
+    original = onnx_replay.node_scopes
+    monkeypatch.setattr(onnx_replay, "node_scopes", lambda node: calls.append(1) or original(node))
+    report = hfp8.verify_onnx(qmodel, path, [digits()[2][:50]])
+    assert passed(report)
+    assert len(report["layers"]) > 3 and 0 < len(calls) <= len(model.graph.node)
 
 
 def _mlp_qmodel():
@@ -293,3 +312,20 @@ def test_refusing_a_data_file_is_an_export_error_that_writes_nothing(tmp_path, m
     with pytest.raises(hfp8.ExportError, match="past what one file holds"):
         hfp8.export_onnx(qmodel, tmp_path / "big.onnx", batches[0], external_data_bytes=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pieces_copying_the_same_nodes_run_side_by_side_each_on_its_own_input(tmp_path):
+    from hfp8.export import onnx_replay
+    qmodel = _quantized("cnn")
+    model = hfp8.export_onnx(qmodel, tmp_path / "q.onnx", calibration_batches(1)[0])
+    pair = onnx_replay.pair_model(model, "1.0")
+    layer = onnx_replay.layer_model(model, "2.0")
+    pieces = onnx_replay.Pieces({"a": pair, "b": pair, "layer": layer})
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1000, generator=generator).mul(s).numpy() for s in (1.0, 100.0))
+    x = torch.randn(2, 32, 7, 7, generator=generator).numpy()  # layer 2.0: depthwise on 32
+    out = pieces.run({"a": [a], "b": [b], "layer": [x]})
+    for key, piece, value in (("a", pair, a), ("b", pair, b), ("layer", layer, x)):
+        alone = onnx_replay.session(piece).run(None, {piece.graph.input[0].name: value})[0]
+        assert np.array_equal(out[key][0], alone), key
+    assert not np.array_equal(out["a"][0], out["b"][0])

@@ -35,6 +35,22 @@ def test_compiled_cnn_rounds_in_the_graph_with_the_eager_values_bit_for_bit():
     assert any("bitwise_and" in target for target in targets)  # the traced rounding is there
 
 
+def test_a_float_model_compiled_first_does_not_lend_its_graph_to_the_quantized_copy():
+    # same class, same shapes: without guards on hooks torch reuses the float graph and the
+    # compiled "quantized" model skips its input rounding
+    model = trained("mobilenet_like")
+    qmodel = hfp8.quantize_model(model, calibration_batches(), quiet=True)
+    x = calibration_batches(1, 16)[0]
+    targets = []
+    backend = _recording_backend(targets)  # one backend: torch's cache is per backend
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+        assert targets and not any("bitwise_and" in target for target in targets)
+        compiled = torch.compile(qmodel, backend=backend)
+        assert torch.equal(compiled(x), qmodel(x))
+    assert any("bitwise_and" in target for target in targets)
+
+
 @torch.no_grad()
 def test_compiled_encoder_rounds_attention_operands_in_the_graph_bit_for_bit():
     qmodel, batches = _quantized_encoder()
