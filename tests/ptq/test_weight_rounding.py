@@ -181,3 +181,24 @@ def test_second_moments_that_no_damping_fixes_are_an_error():
     hessian = torch.full((1, 2, 2), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match="not positive definite"):
         compensated_rounding(torch.ones(2, 2), hessian, hfp8.E4M3, 7)
+
+
+@pytest.mark.parametrize("size", [7, 1024, 2500])
+def test_the_blocked_triangular_inverse_is_within_the_solve_error_bound(size):
+    # Higham (8.2): a computed solve of L x = b satisfies |b - L x| <= gamma_n |L| |x|, column by
+    # column; the blocks add no other error. At most one block it is the plain solve.
+    from hfp8.ptq.weight_rounding import INVERSE_BLOCK, _lower_inverse
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(2 * size, size, generator=generator, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / (2 * size) + 0.01 * torch.eye(size, dtype=torch.float64))
+    inverse = _lower_inverse(lower[None])[0]
+    assert torch.equal(inverse, inverse.tril())
+    unit = 2.0 ** -53
+    gamma = size * unit / (1 - size * unit)
+    residual = (lower @ inverse - torch.eye(size, dtype=torch.float64)).abs()
+    # the product itself rounds too: gamma for the solve plus gamma for forming L @ X
+    assert bool((residual <= 2 * gamma * (lower.abs() @ inverse.abs())).all())
+    if size <= INVERSE_BLOCK:
+        plain = torch.linalg.solve_triangular(lower, torch.eye(size, dtype=torch.float64),
+                                              upper=False)
+        assert torch.equal(inverse, plain)
