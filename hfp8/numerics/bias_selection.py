@@ -71,7 +71,7 @@ def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 
 def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Tensor,
-                     chunk: int = 1 << 22) -> torch.Tensor:
+                     chunk: int = 1 << 20) -> torch.Tensor:
     """``errors[r, c] = sum((fq(x; b) - x)^2)`` over the finite entries ``x`` of row ``r`` of
     ``rows``, at bias ``b = candidates[r, c]`` (float64, CPU), for every candidate in one
     pass over the data instead of one rounding per candidate.

@@ -87,19 +87,27 @@ def _weight_bias(weight: torch.Tensor, config: QuantConfig):
     return select_exponent_bias(weight, fmt, config.weight_bias_method, axis=axis)
 
 
-def _weight_summary(original: torch.Tensor, rounded: torch.Tensor) -> dict:
-    """What rounding did to a weight: the fraction of its non-zero values flushed to zero and
-    the SQNR ``10 log10(sum w^2 / sum (w - fq(w))^2)`` in dB (+inf when exact)."""
+def _rounding_sums(original: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """(non-zero values, of them flushed to zero, sum w^2, sum (w - fq(w))^2) of one weight
+    matrix, float64."""
     original, rounded = original.double(), rounded.double()
     nonzero = original != 0
-    count = max(int(nonzero.sum()), 1)
-    error = float((original - rounded).square().sum())
-    signal = float(original.square().sum())
-    return {"flushed_fraction": int((nonzero & (rounded == 0)).sum()) / count,
-            "sqnr_db": sqnr_db(signal, error)}
+    return torch.stack([nonzero.sum().double(), (nonzero & (rounded == 0)).sum().double(),
+                        original.square().sum(), (original - rounded).square().sum()])
+
+
+def _weight_summary(sums: torch.Tensor) -> dict:
+    """What rounding did to a layer's weights, from their :func:`_rounding_sums` added up: the
+    fraction of non-zero values flushed to zero and the SQNR
+    ``10 log10(sum w^2 / sum (w - fq(w))^2)`` in dB (+inf when exact)."""
+    nonzero, flushed, signal, error = (float(v) for v in sums)
+    return {"flushed_fraction": flushed / max(nonzero, 1.0), "sqnr_db": sqnr_db(signal, error)}
 
 
 def _quantize_weights(qmodel: nn.Module, layer_plan: dict, config: QuantConfig) -> dict:
+    """Attaches every planned layer and rounds its weight matrices to nearest at their chosen
+    biases, one matrix at a time (the working set is one matrix and its copies, whatever the
+    layer: an LSTM's six matrices are not held side by side)."""
     summaries = {}
     for name, reason in layer_plan.items():
         if reason is not None:
@@ -110,20 +118,20 @@ def _quantize_weights(qmodel: nn.Module, layer_plan: dict, config: QuantConfig) 
                              per_channel)
         if config.weight_format is None:
             continue
-        originals, rounded = [], []
+        sums = torch.zeros(4, dtype=torch.float64)
         for weight_name in state.weights:
             weight = layer.get_parameter(weight_name)
             if not torch.isfinite(weight).all():
                 raise ValueError(f"layer {name!r} has NaN or Inf weights ({weight_name}); "
                                  "refusing to quantize")
             bias = _weight_bias(weight.detach(), config)
-            originals.append(weight.detach().clone())
+            original = weight.detach().clone()
             with torch.no_grad():
-                weight.copy_(quantize_weight(originals[-1], config.weight_format, bias))
+                weight.copy_(quantize_weight(original, config.weight_format, bias))
                 getattr(layer, weight_bias_buffer(weight_name)).copy_(torch.as_tensor(bias))
-            rounded.append(weight.detach().reshape(-1))
-        summaries[name] = _weight_summary(torch.cat([w.reshape(-1) for w in originals]),
-                                          torch.cat(rounded))
+            sums += _rounding_sums(original, weight.detach()).cpu()
+            del original
+        summaries[name] = _weight_summary(sums)
     return summaries
 
 
