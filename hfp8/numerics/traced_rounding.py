@@ -24,16 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from hfp8.numerics.fake_quant import _compute_dtype, _top_exponent
+from hfp8.numerics.fake_quant import _FLOAT_LAYOUT, _compute_dtype, _top_exponent
 from hfp8.numerics.formats import FloatFormat
 
 __all__ = ["round_at_bias", "traceable"]
-
-_LAYOUT = {  # compute dtype -> (bits of precision P, integer view dtype, exponent-field mask)
-    torch.float32: (24, torch.int32, 0x7F800000),
-    torch.float64: (53, torch.int64, 0x7FF0000000000000),
-}
-
 
 def _default(fmt: FloatFormat) -> FloatFormat:
     return FloatFormat(fmt.exponent_bits, fmt.mantissa_bits, None, fmt.specials)
@@ -69,7 +63,7 @@ def round_at_bias(x: torch.Tensor, fmt: FloatFormat, exponent_bias: torch.Tensor
     :func:`traceable` first)."""
     default_bias, max_finite, smallest_normal, mantissa_bits = _constants(fmt)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    precision, int_dtype, exponent_mask = _LAYOUT[compute]
+    precision, int_dtype, exponent_mask = _FLOAT_LAYOUT[compute]
     scale = torch.exp2((default_bias - exponent_bias).to(compute))
     y = torch.clamp(x.to(compute) / scale, -max_finite, max_finite)
     binade = torch.bitwise_and(y.view(int_dtype), exponent_mask).view(compute)
