@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 from results_doc import add_update_flag  # noqa: E402
-from harness import DEFAULT, C, logits_of, ours, run, standard_rows, write_outputs  # noqa: E402
+from harness import DEFAULT, C, logits_of, run, standard_rows, write_outputs  # noqa: E402
 from photos import photo_crops  # noqa: E402
 
 import hfp8  # noqa: E402

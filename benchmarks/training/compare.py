@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "accuracy"), str(HERE.parent / "gallery")]
