@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "gallery")]
 
 import hfp8  # noqa: E402
+from hfp8.export.verify import _per_sample_errors  # noqa: E402
 from results_doc import add_update_flag, command_line, markdown_table, write_section  # noqa: E402
 
 
@@ -56,10 +57,9 @@ def _compiled(model, x) -> tuple:
 
 
 def _deviation(output: torch.Tensor, truth: torch.Tensor) -> float:
-    """Mean over samples of ``|output - truth|^2 / mean |truth|^2`` (float64)."""
-    output, truth = output.double(), truth.double()
-    per_sample = (output - truth).square().reshape(output.shape[0], -1).sum(1)
-    return float(per_sample.mean() / truth.square().mean())
+    """Mean over samples of verify_onnx's per-sample deviation: ``|output - truth|^2`` summed
+    over the sample, over ``mean |truth|^2`` (float64)."""
+    return float(_per_sample_errors([output], [truth], truth.shape[0]).mean())
 
 
 @torch.no_grad()
