@@ -11,10 +11,11 @@ regions, and rounding each tap on its own breaks the cancellation.
 Every weight still lands on the layer's grid (the format at the layer's exponent bias, or at
 each output channel's bias): only which neighbour each weight rounds to changes, so export and
 bit-exact verification are untouched. Per group of a grouped convolution (per output channel
-of a depthwise one), with its own ``H``. Rows are processed in blocks of ``BLOCK`` columns
-(the lazy batch update of GPTQ); the algebra runs in float64 with ``DAMPING`` times the mean
-diagonal added to ``H`` (inputs that never vary get ``H_jj = 1`` and weight 0, which is on the
-grid).
+of a depthwise one), with its own ``H``. Columns are processed in blocks of ``BLOCK`` (the lazy
+batch update of GPTQ), from one Cholesky factor of ``H`` and no inverse (``_round_columns``
+says why that is the same rounding); the algebra runs in float64 with ``DAMPING`` times the
+mean diagonal added to ``H`` (inputs that never vary get ``H_jj = 1`` and weight 0, which is
+on the grid).
 """
 
 from __future__ import annotations
@@ -29,18 +30,18 @@ __all__ = ["compensated_rounding", "compensated_rounding_many", "rounded_runs", 
 
 DAMPING = 0.01
 BLOCK = 128
+INNER = 16  # columns of a sub-block (measured: 8-32 alike, 128 1.6x slower at d = 1024)
 WORK_BYTES = 256 << 20  # float64 work space of one run of side-by-side weights
-INVERSE_BLOCK = 1024  # columns of L^-1 solved at once (wider layers are solved block by block)
 
 
-def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damping)^-1`` per group; zeroes ``weight`` columns of
-    inputs that never vary (in place).
+def _feedback(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """GPTQ's error feedback as one unit lower-triangular ``G`` per group (``(groups, d, d)``);
+    zeroes ``weight`` columns of inputs that never vary (in place).
 
-    ``U`` upper with ``U^T U = H^-1``, without forming ``H^-1``: with ``P`` the order reversal
-    and ``P H P = L L^T`` (lower Cholesky), ``H^-1 = P L^-T L^-1 P = U^T U`` for ``U = P L^-1 P``.
-    One factorization and one triangular solve instead of two factorizations and an inversion:
-    27% faster at d = 4096, the same ``U`` to float64 rounding (~1e-15 relative)."""
+    With ``P`` the order reversal and ``P H P = L L^T`` (lower Cholesky of the damped ``H``),
+    ``A = P L P`` is upper triangular with ``A A^T = H``; GPTQ's factor is ``U = A^-1``
+    (``U^T U = H^-1``). ``G[k, j] = A[j, k] / A[k, k]`` for ``j < k``. One factorization and no
+    inverse: the loop below reads ``A`` where GPTQ reads ``A^-1``."""
     reversed_ = hessian.flip((-1, -2))  # a copy, damped in place below
     diagonal = reversed_.diagonal(dim1=1, dim2=2)  # in reversed order
     dead = diagonal == 0
@@ -53,53 +54,51 @@ def _inverse_factor(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
         lower, info = torch.linalg.cholesky_ex(reversed_)
         if not bool(info.any()):
             del reversed_
-            return _lower_inverse(lower).flip((-1, -2))
+            # A^T = P L^T P, made contiguous in place of the reversed copy
+            feedback = lower.transpose(-1, -2).flip((-1, -2)).contiguous()
+            del lower
+            return feedback.div_(feedback.diagonal(dim1=1, dim2=2).clone().unsqueeze(-1))
         diagonal += damping * 10 ** attempt
     raise ValueError("input second moments are not positive definite, even damped")
 
 
-def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """``L^-1`` of a batch of lower-triangular ``L``, by triangular solves against the identity
-    one block of ``INVERSE_BLOCK`` columns at a time: block ``j`` of ``L^-1`` is zero above row
-    ``j``, so only ``L[j:, j:]`` is solved against it (about ``d^3 / 3`` flops in all instead of
-    ``d^3`` for one solve against the whole identity: 1.36 s -> 1.0 s per inverse factor at
-    d = 4096). Up to ``INVERSE_BLOCK`` columns it is that one solve, bit for bit."""
-    size = lower.shape[-1]
-    result = torch.zeros_like(lower)
-    for start in range(0, size, INVERSE_BLOCK):
-        stop = min(start + INVERSE_BLOCK, size)
-        identity = torch.zeros(lower.shape[0], size - start, stop - start, dtype=lower.dtype)
-        identity[:, :stop - start].copy_(torch.eye(stop - start, dtype=lower.dtype))
-        result[:, start:, start:stop] = torch.linalg.solve_triangular(
-            lower[:, start:, start:], identity, upper=False)
-    return result
+def _round_columns(work: torch.Tensor, feedback: torch.Tensor, round_values) -> torch.Tensor:
+    """GPTQ's loop on ``work`` (``(groups, rows, d)``, float64) under ``feedback``
+    (:func:`_feedback`), rounded in place and returned.
 
-
-def _round_columns(work: torch.Tensor, factor: torch.Tensor, round_values) -> torch.Tensor:
-    """The GPTQ loop on ``work`` (``(groups, rows, d)``, float64) under ``factor``
-    (``(groups, d, d)``): column by column, each rounding error moved onto the columns not yet
-    rounded; lazily, ``BLOCK`` columns at a time. The rounded weights replace ``work`` in place
-    (a column is written once its block no longer reads it) and ``work`` is returned."""
-    inputs = work.shape[-1]
+    GPTQ rounds column ``k`` at ``w~_k = w_k - sum_{j<k} U[j, k] (w~_j - q_j) / U[j, j]`` (each
+    rounding error pushed onto the columns not yet rounded). Unrolled, ``w - q = E U`` with
+    ``E[:, j] = (w~_j - q_j) / U[j, j]``, so ``E = (w - q) A`` and the same ``w~`` reads
+    ``w~_k = w_k + sum_{j<k} G[k, j] (w_j - q_j)``: each column pulls the errors of the columns
+    before it (Babai's nearest-plane algorithm on the basis ``A``; the same rounding to float64
+    precision). Lazily: columns in blocks of ``BLOCK``, each pulling the errors of all earlier
+    blocks in one matrix product, and within a block sub-blocks of ``INNER`` (the rank-1 updates
+    are memory-bound; sub-blocks keep them small). Columns are handled transposed
+    (``(groups, columns, rows)``) so that each column is contiguous."""
+    groups, rows, inputs = work.shape
+    errors = torch.empty(groups, inputs, rows, dtype=work.dtype)  # w - q, transposed
     for start in range(0, inputs, BLOCK):
         stop = min(start + BLOCK, inputs)
-        block = work[..., start:stop].clone()
-        errors = torch.empty_like(block)
-        block_factor = factor[:, start:stop, start:stop]
-        diagonal = block_factor.diagonal(dim1=1, dim2=2)  # (groups, width)
-        for j in range(stop - start):
-            column = block[..., j]
-            rounded = round_values(column)
-            work[..., start + j] = rounded
-            error = errors[..., j]
-            torch.sub(column, rounded, out=error)
-            error.div_(diagonal[:, j:j + 1])
-            # the rest of the block minus the error's share: one rank-1 update per group, in
-            # place (column j itself is done)
-            block[..., j + 1:].baddbmm_(error.unsqueeze(-1), block_factor[:, j:j + 1, j + 1:],
-                                        alpha=-1)
-        if stop < inputs:  # the lazy update of the columns after the block, in place
-            work[..., stop:].baddbmm_(errors, factor[:, start:stop, stop:], alpha=-1)
+        original = work[..., start:stop].transpose(1, 2).contiguous()  # (groups, width, rows)
+        block = original.clone()
+        if start:
+            block.baddbmm_(feedback[:, start:stop, :start], errors[:, :start])
+        block_errors = errors[:, start:stop]
+        for first in range(0, stop - start, INNER):
+            last = min(first + INNER, stop - start)
+            if first:
+                block[:, first:last].baddbmm_(
+                    feedback[:, start + first:start + last, start:start + first],
+                    block_errors[:, :first])
+            for j in range(first, last):
+                rounded = round_values(block[:, j])
+                block[:, j] = rounded
+                torch.sub(original[:, j], rounded, out=block_errors[:, j])
+                if j + 1 < last:  # the rest of the sub-block: one rank-1 update per group
+                    block[:, j + 1:last].baddbmm_(
+                        feedback[:, start + j + 1:start + last, start + j:start + j + 1],
+                        block_errors[:, j:j + 1])
+        work[..., start:stop] = block.transpose(1, 2)
     return work
 
 
@@ -111,12 +110,12 @@ def _row_biases(exponent_bias, groups: int, rows: int) -> torch.Tensor:
 
 def _chunks(shapes: list[tuple[int, int, int]], inputs: int, limit: int):
     """``shapes`` (index, groups, rows) cut into runs whose float64 work (weights, rounded in
-    place) and inverse factors stay under ``limit`` bytes together (at least one weight per
-    run)."""
+    place, their errors and the feedback matrices) stays under ``limit`` bytes (at least one
+    weight per run)."""
     run, used = [], 0
     for shape in shapes:
         _, groups, rows = shape
-        size = 8 * groups * inputs * (rows + inputs)
+        size = 8 * groups * inputs * (2 * rows + inputs)
         if run and used + size > limit:
             yield run
             run, used = [], 0
@@ -142,7 +141,7 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
     ``problems``, run by run. Weights of the same shape per group (``rows`` x ``d``) are rounded
     side by side, in one column loop for all (each group still with its own ``H``): the loop's
     cost is per column, and a network has many layers of few distinct shapes. A run holds at
-    most ``work_bytes`` of float64 work space (weights and inverse factors; one weight alone may
+    most ``work_bytes`` of float64 work space (weights, errors and feedback; one weight alone may
     exceed it), and ``problems`` is consumed: each entry is set to None as its run starts, so the
     caller, writing each result back as it comes, holds one run's work space and no more. The
     results equal those of one call per weight (the groups of a run never mix)."""
@@ -159,21 +158,21 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
             total = sum(groups for _, groups, _ in run)
             # the run's weights side by side, written in place (no concatenated copies)
             work = torch.empty(total, rows, inputs, dtype=torch.float64)
-            factor = torch.empty(total, inputs, inputs, dtype=torch.float64)
+            feedback = torch.empty(total, inputs, inputs, dtype=torch.float64)
             biases = torch.empty(total, rows, dtype=torch.int64)
             targets, offset = [], 0
             for i, groups, _ in run:
                 weight, hessian, exponent_bias = problems[i]
-                problems[i] = None  # the second moments can go once their factor is made
+                problems[i] = None  # the second moments can go once their feedback is made
                 mine = slice(offset, offset + groups)
                 work[mine] = weight.detach().reshape(groups, rows, inputs)
-                factor[mine] = _inverse_factor(hessian.double().cpu(), work[mine])
+                feedback[mine] = _feedback(hessian.double().cpu(), work[mine])
                 del hessian
                 biases[mine] = _row_biases(exponent_bias, groups, rows)
                 targets.append((i, mine, weight.shape, weight.device, weight.dtype))
                 offset += groups
-            rounded = _round_columns(work, factor, nearest_rounder(fmt, biases))
-            del factor
+            rounded = _round_columns(work, feedback, nearest_rounder(fmt, biases))
+            del feedback
             for i, mine, shape, device, dtype in targets:
                 yield i, rounded[mine].reshape(shape).to(device, dtype)
 
