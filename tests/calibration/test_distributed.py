@@ -61,6 +61,10 @@ def _worker(rank, world, init, out, config, failure, timeout, state, name):
                         "seconds": time.monotonic() - start}, f"{out}.{rank}")
     finally:
         if failure != "die":
+            # every rank is alive here: leave together. A rank that tore its connections down
+            # while its peer was still writing its result has (rarely, under load) made the
+            # peer's gloo threads abort the process after the test's verdict was on disk
+            dist.barrier()
             dist.destroy_process_group()
 
 
