@@ -57,13 +57,14 @@ def _run(args) -> int:
         return 2
     from hfp8 import distributed
     from hfp8.cli import commands
+    from hfp8.cli.evaluate import evaluate
     from hfp8.cli.finetune import finetune
     from hfp8.cli.inputs import one_line
     from hfp8.cli.outputs import VerificationFailed
     from hfp8.cli.recalibrate import recalibrate_bn
 
     handler = {"quantize": commands.quantize, "recalibrate-bn": recalibrate_bn,
-               "export": commands.export, "evaluate": commands.evaluate,
+               "export": commands.export, "evaluate": evaluate,
                "inspect": commands.inspect, "example": commands.example,
                "finetune": finetune}[args.command]
     group = _process_group(args)
