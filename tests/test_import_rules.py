@@ -1,7 +1,7 @@
 """The house rule (docs/design.md): a floor imports only from its own floor and the floors below.
 
     0  hfp8.numerics (imports nothing else from hfp8), hfp8._files, hfp8._report,
-       hfp8._version, hfp8.distributed, hfp8.models, hfp8.examples
+       hfp8._runs, hfp8._version, hfp8.distributed, hfp8.models, hfp8.examples
     1  hfp8.data
     2  hfp8.calibration
     3  hfp8.ptq
@@ -24,7 +24,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "hfp8"
 
 FLOORS = {
-    "hfp8.numerics": 0, "hfp8._files": 0, "hfp8._report": 0, "hfp8._version": 0,
+    "hfp8.numerics": 0, "hfp8._files": 0, "hfp8._report": 0, "hfp8._runs": 0,
+    "hfp8._version": 0,
     "hfp8.distributed": 0, "hfp8.models": 0, "hfp8.examples": 0,
     "hfp8.data": 1,
     "hfp8.calibration": 2,

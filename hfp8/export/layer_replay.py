@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from hfp8._runs import runs_within
 from hfp8.data.model_io import output_leaves
 from hfp8.export import noise_floor, onnx_replay
 from hfp8.ptq.quantizers import layer_state, quantized_layers
@@ -86,7 +87,9 @@ def replay_layers(index: onnx_replay.FileIndex, qmodel, captured: dict, provider
                     *(sizes[v.name] for v in piece.graph.input[1:])]
              for name, piece in checkable.items()}
     outputs = {}
-    for group in _groups(checkable, PIECES_BYTES):  # one session and one run per group
+    # one session and one run per group of pieces holding at most PIECES_BYTES of weights
+    for run in runs_within(checkable.items(), lambda item: item[1].ByteSize(), PIECES_BYTES):
+        group = dict(run)
         outputs.update(onnx_replay.Pieces(group, providers).run({k: feeds[k] for k in group}))
     for name in checkable:
         layer, x = layers[name], captured[name].float()
@@ -95,21 +98,6 @@ def replay_layers(index: onnx_replay.FileIndex, qmodel, captured: dict, provider
                          else _judge_layer(layer, x, actual[0]))
     order = {name: index for index, name in enumerate(layers)}
     return dict(sorted(results.items(), key=lambda item: order[item[0]]))
-
-
-def _groups(pieces: dict, limit: int):
-    """``pieces`` in consecutive groups of at most ``limit`` serialized bytes (at least one
-    piece per group): a group's weights are what its session holds at once."""
-    group, used = {}, 0
-    for name, piece in pieces.items():
-        size = piece.ByteSize()
-        if group and used + size > limit:
-            yield group
-            group, used = {}, 0
-        group[name] = piece
-        used += size
-    if group:
-        yield group
 
 
 def _judge_layer(layer, x: torch.Tensor, actual: torch.Tensor) -> dict:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hfp8 import distributed
+from hfp8._runs import runs_within
 from hfp8.calibration.batchnorm import (
     batch_statistics,
     batchnorm_layers,
@@ -86,17 +87,9 @@ def moment_groups(qmodel: nn.Module, limit: int) -> list[list[str]]:
     """The quantized layers with second moments, in registration order, cut into groups whose
     float64 moments stay under ``limit`` bytes together (a layer alone may exceed it): one
     analysis pass per group bounds the memory the moments take, whatever the model's size."""
-    groups, used = [[]], 0
-    for name, layer in quantized_layers(qmodel).items():
-        if not supports(layer):
-            continue
-        size = moment_bytes(layer)
-        if groups[-1] and used + size > limit:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return groups
+    layers = {name: layer for name, layer in quantized_layers(qmodel).items() if supports(layer)}
+    groups = runs_within(layers, lambda name: moment_bytes(layers[name]), limit)
+    return list(groups) or [[]]  # no such layer: one pass, for the observers
 
 
 def calibration_pass(qmodel, model, calibration, config, quiet):

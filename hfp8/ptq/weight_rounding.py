@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from hfp8._runs import runs_within
 from hfp8.numerics.fake_quant import nearest_rounder
 from hfp8.numerics.formats import FloatFormat
 
@@ -108,23 +109,6 @@ def _row_biases(exponent_bias, groups: int, rows: int) -> torch.Tensor:
     return bias.expand(groups, rows) if bias.dim() == 0 else bias.reshape(groups, rows)
 
 
-def _chunks(shapes: list[tuple[int, int, int]], inputs: int, limit: int):
-    """``shapes`` (index, groups, rows) cut into runs whose float64 work (weights, rounded in
-    place, their errors and the feedback matrices) stays under ``limit`` bytes (at least one
-    weight per run)."""
-    run, used = [], 0
-    for shape in shapes:
-        _, groups, rows = shape
-        size = 8 * groups * inputs * (2 * rows + inputs)
-        if run and used + size > limit:
-            yield run
-            run, used = [], 0
-        run.append(shape)
-        used += size
-    if run:
-        yield run
-
-
 def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat,
                               work_bytes: int = WORK_BYTES) -> list[torch.Tensor]:
     """:func:`compensated_rounding` of several weights at once: ``problems`` is a list of
@@ -154,7 +138,9 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
                              f"shape {tuple(hessian.shape)}")
         by_shape.setdefault((inputs, rows), []).append((index, groups, rows))
     for (inputs, rows), shapes in by_shape.items():
-        for run in _chunks(shapes, inputs, work_bytes):
+        # float64 work of a weight: itself (rounded in place), its errors and its feedback
+        for run in runs_within(shapes, lambda shape: 8 * shape[1] * inputs * (2 * shape[2] + inputs),
+                               work_bytes):
             total = sum(groups for _, groups, _ in run)
             # the run's weights side by side, written in place (no concatenated copies)
             work = torch.empty(total, rows, inputs, dtype=torch.float64)
