@@ -33,12 +33,17 @@ def _default(fmt: FloatFormat) -> FloatFormat:
     return FloatFormat(fmt.exponent_bits, fmt.mantissa_bits, None, fmt.specials)
 
 
-@torch.compiler.assume_constant_result
 def _constants(fmt: FloatFormat) -> tuple[int, float, float, int]:
     """(default bias d, largest finite M and smallest normal n at d, mantissa bits m): plain
     numbers, computed outside the compiled graph."""
     base = _default(fmt)
     return base.exponent_bias, base.max_finite, base.smallest_normal, base.mantissa_bits
+
+
+# torch.compiler.assume_constant_result(_constants), written out: that decorator imports
+# TorchDynamo (about 1 s at `import hfp8`, on every command) to set this one attribute. A test
+# checks that the decorator still marks a function this way.
+_constants._dynamo_marked_constant = True
 
 
 def traceable(fmt: FloatFormat, dtype: torch.dtype) -> bool:

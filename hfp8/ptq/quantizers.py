@@ -32,6 +32,7 @@ is shown to it (calibration); ``tap`` sees every value before rounding (verifica
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,12 +54,6 @@ from hfp8.ptq.recurrent import (
     round_cell_hidden,
     weight_names,
 )
-
-# A quantized layer keeps its class and forward; its input rounding lives in a forward pre-hook.
-# TorchDynamo by default does not guard on hooks, so a graph it compiled for a float model would
-# be reused for the quantized copy (same class, same shapes) and silently skip the rounding
-# (measured on MobileNetV2: the compiled "quantized" model partly float). Guard on hooks.
-torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 __all__ = ["QUANTIZABLE_TYPES", "LayerQuantization", "OperandSite", "quantize_point",
            "attach_layer", "detach_layer", "attach_sites", "quantized_layers", "operand_sites",
@@ -172,6 +167,24 @@ def _quantize_layer_input(module, args, kwargs):
     return args, kwargs
 
 
+def _guard_hooks_under_compile() -> None:
+    """A quantized layer keeps its class and forward; its rounding lives in forward hooks.
+    TorchDynamo by default does not guard on hooks, so a graph it compiled for a float model
+    would be reused for the quantized copy (same class, same shapes) and silently skip the
+    rounding (measured on MobileNetV2: the compiled "quantized" model partly float). From the
+    first quantized layer on, it guards on hooks; graphs it compiled before without those
+    guards are dropped (``torch._dynamo.reset()``: they recompile, with them, on their next
+    call). Not at ``import hfp8``: importing TorchDynamo takes about 1 s, which commands that
+    never build a quantized model should not pay."""
+    already_loaded = "torch._dynamo" in sys.modules
+    import torch._dynamo
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        if already_loaded:  # something may have been compiled without the guards
+            torch._dynamo.reset()
+
+
 def attach_layer(module: nn.Module, name: str, weight_format: FloatFormat | None,
                  input_format: FloatFormat | None, per_channel: bool) -> LayerQuantization:
     """Give ``module`` (a Conv/Linear or recurrent layer) its buffers, pre-hook and state;
@@ -190,6 +203,7 @@ def attach_layer(module: nn.Module, name: str, weight_format: FloatFormat | None
         input_format.exponent_bias if input_format else 0, dtype=torch.int64, device=device))
     state = LayerQuantization(name, weight_format, input_format, weights=weights)
     setattr(module, LAYER_ATTRIBUTE, state)
+    _guard_hooks_under_compile()
     module.register_forward_pre_hook(_quantize_layer_input, with_kwargs=True)
     return state
 
@@ -306,6 +320,7 @@ def attach_sites(owner: nn.Module, sites: list[OperandSite]) -> None:
             owner.register_buffer(site.bias_buffer(operand), torch.tensor(
                 site.fmt.exponent_bias, dtype=torch.int64, device=device))
     setattr(owner, SITES_ATTRIBUTE, {site.local: site for site in sites})
+    _guard_hooks_under_compile()
     owner.register_forward_pre_hook(_enter_owner)
     owner.register_forward_hook(_leave_owner, always_call=True)
 

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
-# main() in a fresh interpreter; prints the exit code and whether torch was ever imported
+# main() in a fresh interpreter; prints the exit code and whether torch, onnx and TorchDynamo
+# (about 1 s more than torch alone) were ever imported
 PROBE = """
 import json, sys
 from hfp8.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "torch": "torch" in sys.modules, "onnx": "onnx" in sys.modules}))
+print(json.dumps({"code": code, "torch": "torch" in sys.modules, "onnx": "onnx" in sys.modules,
+                  "dynamo": "torch._dynamo" in sys.modules}))
 """
 
 
@@ -52,12 +54,13 @@ def files(tmp_path):
         "missing-reference", "missing-data"])
 def test_path_mistakes_are_reported_before_torch_is_imported(files, args, message):
     outcome, stderr = _probe(*args, cwd=files)
-    assert outcome == {"code": 2, "torch": False, "onnx": False}, stderr
+    assert outcome == {"code": 2, "torch": False, "onnx": False, "dynamo": False}, stderr
     assert message in stderr and stderr.count("\n") == 1, stderr
 
 
-def test_inspect_of_a_quantized_file_does_not_import_onnx(tmp_path):
-    """Only commands that export or read ONNX import onnx (the verification helpers too)."""
+def test_inspect_of_a_quantized_file_does_not_import_onnx_or_torchdynamo(tmp_path):
+    """Only commands that export or read ONNX import onnx (the verification helpers too); only
+    building a quantized model imports TorchDynamo (to make it guard on hooks)."""
     import torch
 
     import hfp8
@@ -67,7 +70,7 @@ def test_inspect_of_a_quantized_file_does_not_import_onnx(tmp_path):
     qmodel = hfp8.quantize_model(model, [torch.randn(8, 4)], quiet=True)
     hfp8.save_quantized(qmodel, tmp_path / "q.hfp8.pt")
     outcome, stderr = _probe("inspect", "q.hfp8.pt", cwd=tmp_path)
-    assert outcome == {"code": 0, "torch": True, "onnx": False}, stderr
+    assert outcome == {"code": 0, "torch": True, "onnx": False, "dynamo": False}, stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")

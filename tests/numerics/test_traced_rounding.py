@@ -91,3 +91,17 @@ def test_traceable_admits_the_fp8_formats_and_refuses_what_it_cannot_round_exact
     assert -wide.exponent_bias - wide.mantissa_bits < math.log2(2.0**-126)
     assert not traceable(wide, torch.float32)
     assert traceable(wide, torch.float64)
+
+
+def test_the_constants_are_marked_as_torch_compiler_assume_constant_result_marks_them():
+    """``_constants`` carries the mark by hand (the decorator would import TorchDynamo at
+    ``import hfp8``): the mark must be the one the decorator sets in this torch."""
+    from hfp8.numerics import traced_rounding
+
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    marks = {key: value for key, value in vars(marked).items()}
+    assert marks and all(getattr(traced_rounding._constants, key, None) == value
+                         for key, value in marks.items()), marks

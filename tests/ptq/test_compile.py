@@ -52,6 +52,34 @@ def test_a_float_model_compiled_first_does_not_lend_its_graph_to_the_quantized_c
     assert any("bitwise_and" in target for target in targets)
 
 
+FLOAT_FIRST = """
+import torch, hfp8
+from tests.small_models import trained, calibration_batches
+model = trained("mobilenet_like")
+x = calibration_batches(1, 16)[0]
+with torch.no_grad():
+    compiled_float = torch.compile(model, backend="eager")
+    compiled_float(x)  # compiled before this process has any quantized layer
+    qmodel = hfp8.quantize_model(model, calibration_batches(), quiet=True)
+    print(torch.equal(torch.compile(qmodel, backend="eager")(x), qmodel(x)),
+          torch.equal(compiled_float(x), model(x)))
+"""
+
+
+def test_a_float_model_compiled_before_any_quantized_layer_exists_does_not_lend_its_graph():
+    """TorchDynamo guards on hooks from the first quantized layer on; a graph compiled before
+    that, without those guards, must not serve the quantized copy (a fresh process: in this one
+    earlier tests have quantized already). The float model's own compiled run stays right."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", FLOAT_FIRST], capture_output=True, text=True,
+                            cwd=root, timeout=600, check=False)
+    assert result.stdout.split() == ["True", "True"], result.stderr[-2000:]
+
+
 @torch.no_grad()
 def test_compiled_encoder_rounds_attention_operands_in_the_graph_bit_for_bit():
     qmodel, batches = _quantized_encoder()
