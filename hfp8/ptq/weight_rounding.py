@@ -55,7 +55,7 @@ def _feedback(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         lower, info = torch.linalg.cholesky_ex(reversed_)
         if not bool(info.any()):
             del reversed_
-            # A^T = P L^T P, made contiguous in place of the reversed copy
+            # A^T = P L^T P; row-major, as the loop reads it (flip keeps the transposed strides)
             feedback = lower.transpose(-1, -2).flip((-1, -2)).contiguous()
             del lower
             return feedback.div_(feedback.diagonal(dim1=1, dim2=2).clone().unsqueeze(-1))
