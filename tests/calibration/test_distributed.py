@@ -219,3 +219,29 @@ def test_torchrun_quantize_writes_once_the_model_one_process_makes(tmp_path, wor
         else:
             assert torch.equal(sharded["state_dict"][key], value), key
     assert hfp8.read_manifest(folder / "sharded.pt")["calibration_samples"] == 128
+
+
+def test_torchrun_an_input_error_on_every_rank_ends_the_run_with_its_exit_code(tmp_path):
+    """A rank leaves through ``os._exit`` once its process group is destroyed (the
+    interpreter's teardown aborted a rank now and then): the exit code still reaches torchrun,
+    the one-line error is printed, and nothing is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.cli.test_cli import EXE, FLAGS
+
+    subprocess.run([EXE, "example", str(tmp_path / "demo"), "--quiet"], check=True,
+                   capture_output=True)
+    folder = tmp_path / "demo"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "hfp8.cli", "quantize",
+                             "model.pt", "--arch", "hfp8.examples:no_such_factory", "--calib",
+                             "calibration", *FLAGS, "--quiet", "-o", "out.pt",
+                             "--dist-timeout", "60"],
+                            capture_output=True, text=True, cwd=folder, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "exitcode  : 2" in result.stderr  # torchrun's report of the ranks' own exit code
+    assert "hfp8-ptq quantize: error:" in result.stderr and "no_such_factory" in result.stderr
+    assert not (folder / "out.pt").exists()
