@@ -108,10 +108,10 @@ def _run(args) -> int:
 
 def _leave_rank(code: int) -> None:
     """End a torchrun rank here, its process group destroyed and its output flushed, without
-    the interpreter's teardown: once in about 25 runs of the suite's torchrun test a rank
-    ended in SIGABRT ("terminate called without an active exception") after its work was done
-    and written, from torch.distributed's C++ state finalized with the interpreter, and
-    torchrun then reports the whole run failed."""
+    the interpreter's teardown: in about 1 run in 20 under load a rank ended in SIGABRT
+    ("terminate called without an active exception", no Python frame left: C++ state of
+    torch.distributed finalized with the interpreter) after its work was done and written,
+    and torchrun then reported the whole run failed (docs/distributed.md)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
