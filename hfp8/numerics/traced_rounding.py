@@ -29,6 +29,7 @@ from hfp8.numerics.formats import FloatFormat
 
 __all__ = ["round_at_bias", "traceable"]
 
+
 def _default(fmt: FloatFormat) -> FloatFormat:
     return FloatFormat(fmt.exponent_bits, fmt.mantissa_bits, None, fmt.specials)
 

@@ -192,11 +192,11 @@ def _e4m3_float64(values, bias):
     return (torch.round(scaled / step) * step).clamp(-448, 448) * 2.0 ** (7 - bias)
 
 
-def _gptq_reference(weight, hessian, bias, quantized):
+def _gptq_reference(weight, hessian, quantized):
     """GPTQ's loop as the paper writes it (Frantar et al. 2022, Algorithm 1, unblocked): the
     damped ``H``, its explicit inverse, ``U`` = the upper Cholesky factor of that inverse, each
-    column's error pushed onto the columns after it; rounding through torch's float8 cast.
-    Driven by ``quantized`` (the values under test) rather than by its own rounding, it returns
+    column's error pushed onto the columns after it. It rounds nothing itself: driven by
+    ``quantized`` (the values under test), it returns
     the value ``w~`` GPTQ rounds at every column, so that the result can be checked column by
     column without one near-tie changing every later column."""
     damped = hessian[0].clone()
@@ -226,7 +226,7 @@ def test_every_column_is_gptq_s_nearest_rounding_of_its_compensated_value(inputs
     weight = (torch.randn(rows, inputs, generator=generator) * 0.05).float()
     bias = 10
     rounded = compensated_rounding(weight, hessian, hfp8.E4M3, bias).double()
-    targets = _gptq_reference(weight, hessian, bias, rounded)
+    targets = _gptq_reference(weight, hessian, rounded)
     nearest = _e4m3_float64(targets, bias)
     differ = rounded != nearest
     midpoints = (rounded + nearest) / 2
