@@ -21,7 +21,8 @@ import torch
 
 from hfp8.numerics.formats import FloatFormat
 
-__all__ = ["fake_quantize", "fake_quantize_per_channel", "nearest_rounder", "ROUNDING_MODES"]
+__all__ = ["fake_quantize", "fake_quantize_per_channel", "nearest_rounder", "rounding_dtype",
+           "ROUNDING_MODES"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
 
@@ -255,6 +256,13 @@ def _grid_bounds(fmt: FloatFormat, biases: torch.Tensor, dtype: torch.dtype):
     max_finite = torch.ldexp(torch.full((), fmt.with_bias(high).max_finite, dtype=torch.float64),
                              (high - biases).double()).to(dtype)
     return min_normal, max_finite
+
+
+def rounding_dtype(fmt: FloatFormat, exponent_bias, dtype: torch.dtype = torch.float32):
+    """``dtype`` if rounding onto ``fmt`` at every bias in ``exponent_bias`` (an int or a tensor
+    of them) is exact in it (every grid value and midpoint representable), else float64."""
+    biases = torch.as_tensor(exponent_bias).detach().to("cpu", torch.int64).reshape(-1)
+    return _compute_dtype_for_biases(dtype, fmt, biases)
 
 
 def nearest_rounder(fmt: FloatFormat, exponent_bias: torch.Tensor,
