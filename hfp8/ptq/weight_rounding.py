@@ -49,7 +49,7 @@ def _feedback(hessian: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -
     ``A = P L P`` is upper triangular with ``A A^T = H``; GPTQ's factor is ``U = A^-1``
     (``U^T U = H^-1``). ``G[k, j] = A[j, k] / A[k, k]`` for ``j < k``. One factorization and no
     inverse: the loop below reads ``A`` where GPTQ reads ``A^-1``."""
-    reversed_ = hessian.flip((-1, -2)).to(dtype)  # a copy, damped in place below
+    reversed_ = hessian.to(dtype).flip((-1, -2))  # a copy, damped in place below
     diagonal = reversed_.diagonal(dim1=1, dim2=2)  # in reversed order
     dead = diagonal == 0
     diagonal[dead] = 1.0
