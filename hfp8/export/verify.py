@@ -48,8 +48,17 @@ from hfp8.ptq.quantizers import (
     quantize_point,
     quantized_layers,
 )
+from hfp8.ptq.recurrent import is_recurrent
 
-__all__ = ["verify_onnx", "probe_values", "passed", "summation_bound", "paired_test"]
+__all__ = ["verify_onnx", "probe_values", "passed", "summation_bound", "paired_test",
+           "PAIR_VALUES", "REPLAY_VALUES"]
+
+# Work per point and per layer is bounded whatever the batch: at most PAIR_VALUES of a point's
+# values per batch go through its Q/DQ pair (evenly strided over the tensor; the probe values
+# always go), and a layer is replayed on the leading rows of its first-batch input, at most
+# REPLAY_VALUES values (at least one row).
+PAIR_VALUES = 1 << 18
+REPLAY_VALUES = 1 << 18
 
 
 def probe_values(fmt) -> torch.Tensor:
@@ -99,8 +108,10 @@ class _Pairs:
         self.flush()
 
     def check(self, name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1)
+        step = max(1, -(-flat.numel() // PAIR_VALUES))
         # a copy: the model may change its input in place before the batch ends
-        self.pending.setdefault(name, []).append(x.detach().float().cpu().reshape(-1).clone())
+        self.pending.setdefault(name, []).append(flat[::step].float().cpu().clone())
 
     def flush(self) -> None:
         if self.pieces is None:
@@ -120,13 +131,26 @@ def _install_taps(qmodel, pairs: _Pairs, captured: dict) -> None:
     for name, layer in quantized_layers(qmodel).items():
         state = layer_state(layer)
 
-        def tap(x, name=name, check=state.input_format is not None):
-            captured.setdefault(name, x.detach().clone())
+        def tap(x, name=name, check=state.input_format is not None, layer=layer):
+            if name not in captured:
+                captured[name] = _replay_input(layer, x.detach()).clone()
             if check:
                 pairs.check(name, x)
         state.tap = tap
     for _, site in operand_sites(qmodel).values():
         site.tap = lambda site, operand, x: pairs.check(f"{site.name}.{operand}", x)
+
+
+def _replay_input(layer, x: torch.Tensor) -> torch.Tensor:
+    """The leading rows of ``x`` holding at most ``REPLAY_VALUES`` values (at least one row).
+    A Linear acts on the last dimension and a batched convolution on each sample, so any
+    leading rows are a valid input; a recurrent layer (whose piece reads the batch size from
+    the rest of the file) and an unbatched convolution input keep their whole input."""
+    batched = x.dim() >= 2 if isinstance(layer, torch.nn.Linear) else \
+        not is_recurrent(layer) and x.dim() == layer.weight.dim()
+    if not batched or x.numel() <= REPLAY_VALUES:
+        return x
+    return x[:max(1, REPLAY_VALUES // (x.numel() // x.shape[0]))]
 
 
 def _per_sample_errors(candidate: list, baseline: list, size: int) -> np.ndarray:

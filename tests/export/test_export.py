@@ -252,6 +252,48 @@ def test_verification_fails_on_a_tampered_file(tmp_path):
     assert not passed(report)
 
 
+def test_verification_checks_a_bounded_share_of_large_tensors_and_still_catches_tampering(
+        tmp_path, monkeypatch):
+    """With the per-point and per-layer bounds far below the tensors' sizes: each point sends
+    at most PAIR_VALUES values per batch (plus its probes) through its pair, each layer is
+    replayed on at most REPLAY_VALUES input values (whole rows), and a doubled scale and a
+    flipped weight code are still caught."""
+    from hfp8.export import verify
+    monkeypatch.setattr(verify, "PAIR_VALUES", 300)
+    monkeypatch.setattr(verify, "REPLAY_VALUES", 3000)
+    replayed = {}
+    original = verify.replay_layers
+    monkeypatch.setattr(verify, "replay_layers", lambda index, qmodel, captured, *rest: (
+        replayed.update({n: tuple(x.shape) for n, x in captured.items()}),
+        original(index, qmodel, captured, *rest))[1])
+    qmodel = _quantized("cnn")
+    path = tmp_path / "q.onnx"
+    model = hfp8.export_onnx(qmodel, path, calibration_batches(1)[0])
+    samples = [digits()[2][:40], digits()[2][40:80]]
+    report = hfp8.verify_onnx(qmodel, path, samples)
+    assert passed(report)
+    probes = len(verify.probe_values(hfp8.E4M3))
+    assert all(probes < r["values"] <= probes + 2 * 300 for r in report["pairs"].values())
+    assert replayed and all(
+        shape[0] >= 1 and (math.prod(shape) <= 3000 or shape[0] == 1) and shape[0] < 40
+        for shape in replayed.values()), replayed
+
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    quantize = next(n for n in broken.graph.node if n.name == "1.0.quantize")
+    scale = next(t for t in broken.graph.initializer if t.name == quantize.input[1])
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
+    onnx.save(broken, tmp_path / "scale.onnx")
+    assert not hfp8.verify_onnx(qmodel, tmp_path / "scale.onnx", samples)["pairs"]["1.0"]["bit_exact"]
+
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    codes = next(t for t in broken.graph.initializer if t.name == "1.0.weight_fp8")
+    raw = bytearray(codes.raw_data)
+    raw[0] ^= 0x08
+    codes.raw_data = bytes(raw)
+    onnx.save(broken, tmp_path / "weight.onnx")
+    assert not hfp8.verify_onnx(qmodel, tmp_path / "weight.onnx", samples)["layers"]["1.0"]["within_bound"]
+
+
 def test_verification_reads_each_node_of_the_file_once_whatever_the_number_of_layers(
         tmp_path, monkeypatch):
     # cutting one piece per layer and per pair from an index built once: the work is linear
