@@ -25,9 +25,9 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -46,12 +46,8 @@ from hfp8.export.onnx_ops import (
     torch_fp8_dtype,
 )
 from hfp8.numerics.ops import scale_for_bias
-from hfp8.ptq.quantizers import (
-    layer_state,
-    operand_sites,
-    quantized_layers,
-    weight_bias_buffer,
-)
+from hfp8.ptq.operand_sites import operand_sites
+from hfp8.ptq.quantizers import layer_state, quantized_layers, weight_bias_buffer
 
 __all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET", "MAX_OPSET", "MANIFEST_KEY",
            "deployment_form", "capture", "external_data_path", "EXTERNAL_DATA_BYTES"]

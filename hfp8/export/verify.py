@@ -41,13 +41,9 @@ from hfp8.data.model_io import map_tensors, output_leaves, split_batch
 from hfp8.export import noise_floor, onnx_replay
 from hfp8.export.layer_replay import paired_test, replay_layers, summation_bound
 from hfp8.numerics.sqnr import sqnr_db
+from hfp8.ptq.operand_sites import operand_sites
 from hfp8.ptq.points import quant_points
-from hfp8.ptq.quantizers import (
-    layer_state,
-    operand_sites,
-    quantize_point,
-    quantized_layers,
-)
+from hfp8.ptq.quantizers import layer_state, quantize_point, quantized_layers
 from hfp8.ptq.recurrent import is_recurrent
 
 __all__ = ["verify_onnx", "probe_values", "passed", "summation_bound", "paired_test",

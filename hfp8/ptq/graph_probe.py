@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hfp8.data.model_io import call_model, output_leaves
-from hfp8.ptq.quantizers import MATMUL_FUNCTIONS, SDPA_FUNCTIONS, is_quantizable
+from hfp8.ptq.operand_sites import MATMUL_FUNCTIONS, SDPA_FUNCTIONS
+from hfp8.ptq.quantizers import is_quantizable
 from hfp8.ptq.recurrent import RECURRENT_FUNCTIONS
 
 __all__ = ["ProbeResult", "probe_model"]

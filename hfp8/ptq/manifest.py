@@ -7,12 +7,11 @@ import torch
 from torch import nn
 
 from hfp8.ptq.config import format_to_dict
+from hfp8.ptq.operand_sites import operand_sites, site_kind
 from hfp8.ptq.quantizers import (
     is_quantizable,
     layer_state,
-    operand_sites,
     quantized_layers,
-    site_kind,
     weight_bias_buffer,
 )
 

@@ -59,15 +59,12 @@ from hfp8.ptq.calibrate import (
 )
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.graph_probe import ProbeResult, probe_model
+from hfp8.ptq.operand_sites import OperandSite, attach_sites, operand_sites, site_kind
 from hfp8.ptq.plan import plan_quantization
 from hfp8.ptq.quantizers import (
-    OperandSite,
     attach_layer,
-    attach_sites,
     is_quantizable,
-    operand_sites,
     quantized_layers,
-    site_kind,
     weight_bias_buffer,
 )
 from hfp8.ptq.refinement import compensate_weights, keep_sensitive_layers_float

@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from hfp8.ptq.config import QuantConfig
 from hfp8.ptq.graph_probe import ProbeResult
-from hfp8.ptq.quantizers import is_quantizable, site_kind, weight_names
+from hfp8.ptq.operand_sites import site_kind
+from hfp8.ptq.quantizers import is_quantizable, weight_names
 
 __all__ = ["plan_quantization", "FIRST_REASON", "LAST_REASON"]
 

@@ -13,12 +13,8 @@ import torch
 from torch import nn
 
 from hfp8.numerics.formats import FloatFormat
-from hfp8.ptq.quantizers import (
-    OperandSite,
-    layer_state,
-    operand_sites,
-    quantized_layers,
-)
+from hfp8.ptq.operand_sites import OperandSite, operand_sites
+from hfp8.ptq.quantizers import layer_state, quantized_layers
 
 __all__ = ["QuantPoint", "quant_points"]
 

@@ -23,10 +23,9 @@ from hfp8._files import atomic_write
 from hfp8._report import MANIFEST_KEY, REPORT_ATTRIBUTE
 from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq.config import QuantConfig, format_from_dict
+from hfp8.ptq.operand_sites import OperandSite, attach_sites
 from hfp8.ptq.quantizers import (
-    OperandSite,
     attach_layer,
-    attach_sites,
     is_quantizable,
     weight_bias_buffer,
     weight_names,

@@ -34,12 +34,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from hfp8.numerics.bias_selection import select_exponent_bias
 from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
-from hfp8.ptq.quantizers import (
-    layer_state,
-    operand_sites,
-    quantized_layers,
-    weight_bias_buffer,
-)
+from hfp8.ptq.operand_sites import operand_sites
+from hfp8.ptq.quantizers import layer_state, quantized_layers, weight_bias_buffer
 from hfp8.ptq.report import QuantReport, report_of
 from hfp8.training.config import TrainingConfig
 from hfp8.training.rounding import (

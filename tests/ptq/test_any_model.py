@@ -12,9 +12,10 @@ from torch.nn import functional as F
 
 import hfp8
 from hfp8.export.verify import passed
-from hfp8.ptq.evaluation import compare_outputs
 from hfp8.ptq.attention import attention_by_definition
-from hfp8.ptq.quantizers import operand_sites, quantized_layers
+from hfp8.ptq.evaluation import compare_outputs
+from hfp8.ptq.operand_sites import operand_sites
+from hfp8.ptq.quantizers import quantized_layers
 from tests.structures import (
     PyramidHeads,
     SamePadNet,
