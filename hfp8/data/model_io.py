@@ -19,6 +19,7 @@ nested: :func:`output_leaves` names every tensor leaf by its path (``"0"``, ``"l
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence, unpack_sequence
 
 __all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size", "leaf_hooks",
-           "output_leaves", "positional_capacity", "describe", "describe_batch", "slice_batch"]
+           "output_leaves", "positional_capacity", "describe", "describe_batch", "slice_batch", "weight_sharing_copy"]
 
 
 class BatchError(TypeError):
@@ -198,3 +199,14 @@ def leaf_hooks(model: torch.nn.Module, hook: Callable):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def weight_sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` (modules, buffers, attributes, hooks) whose parameters are new
+    Parameters without gradient over the same storage as ``model``'s: hooks, flags and
+    ``requires_grad`` set on the copy never reach the caller's model, and the weights (most of
+    a model's memory) are not copied. For a reference run that reads the weights and never
+    writes them (no torch layer's forward writes its weights); tied weights stay tied."""
+    memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)

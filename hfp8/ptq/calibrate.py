@@ -10,7 +10,6 @@ see them.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -26,7 +25,7 @@ from hfp8.calibration.batchnorm import (
 from hfp8.calibration.input_moments import InputMoments, moment_bytes, supports
 from hfp8.calibration.observers import HistogramObserver
 from hfp8.data.batches import calibration_batches, model_device
-from hfp8.data.model_io import batch_size, call_model
+from hfp8.data.model_io import batch_size, call_model, weight_sharing_copy
 from hfp8.ptq.points import quant_points
 from hfp8.ptq.quantizers import layer_state, quantized_layers
 
@@ -106,8 +105,10 @@ def calibration_pass(qmodel, model, calibration, config, quiet):
             bn_report = reestimate_batchnorm(
                 qmodel, calibration, config.num_calibration_batches,
                 method=config.bn_recalibration, quiet=quiet,
-                # a private copy: even temporary flag changes never touch the caller's model
-                reference=copy.deepcopy(model) if config.bn_recalibration == "shift" else None,
+                # a private copy (weights shared, read only): even temporary flag changes never
+                # touch the caller's model
+                reference=weight_sharing_copy(model) if config.bn_recalibration == "shift"
+                else None,
                 measure_every=config.bn_shift_stride if config.bn_recalibration == "shift" else 1)
             samples = bn_report["samples"]
         elif observers:

@@ -21,7 +21,6 @@ until the predicted output SQNR (independent errors add) reaches a target.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -31,7 +30,13 @@ from tqdm.auto import tqdm
 
 from hfp8 import distributed
 from hfp8.data.batches import calibration_batches, current_batch, model_device
-from hfp8.data.model_io import batch_size, call_model, output_leaves, slice_batch
+from hfp8.data.model_io import (
+    batch_size,
+    call_model,
+    output_leaves,
+    slice_batch,
+    weight_sharing_copy,
+)
 from hfp8.numerics.sqnr import sqnr_db
 from hfp8.ptq.recurrent import is_recurrent, weight_names
 
@@ -81,7 +86,8 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
     quantized (see the module docstring), for each name. ``model``: the float model; at most
     ``max_samples`` samples of each batch are used."""
     # parameters need no gradient: autograd then records only what follows an injection point
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    # (they share the float model's storage: no third copy of the weights)
+    reference = weight_sharing_copy(model).eval()
     quantized = {name: qmodel.get_submodule(name) for name in names}
     generator = torch.Generator().manual_seed(seed)
     totals = {name: 0.0 for name in names}

@@ -4,7 +4,14 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence, unpack_sequence
 
-from hfp8.data.model_io import batch_size, describe_batch, map_tensors, slice_batch, split_batch
+from hfp8.data.model_io import (
+    batch_size,
+    describe_batch,
+    map_tensors,
+    slice_batch,
+    split_batch,
+    weight_sharing_copy,
+)
 
 
 def _packed():
@@ -30,3 +37,23 @@ def test_mapping_a_packed_sequence_maps_its_data_and_keeps_its_steps():
     doubled = map_tensors(_packed(), lambda t: t.double())
     assert doubled.data.dtype == torch.float64 and doubled.batch_sizes.dtype == torch.int64
     assert torch.equal(doubled.batch_sizes, _packed().batch_sizes)
+
+
+def test_a_weight_sharing_copy_reads_the_same_weights_and_changes_nothing_of_the_original():
+    embed = nn.Embedding(10, 4)
+    model = nn.Sequential(embed, nn.Linear(4, 4), nn.BatchNorm1d(3), nn.Linear(4, 10))
+    model[3].weight = embed.weight  # tied
+    copied = weight_sharing_copy(model)
+    for (name, original), (_, shared) in zip(model.named_parameters(remove_duplicate=False),
+                                             copied.named_parameters(remove_duplicate=False)):
+        assert shared.data_ptr() == original.data_ptr(), name  # no copy of the weights
+        assert not shared.requires_grad and original.requires_grad, name
+    assert copied[3].weight is copied[0].weight  # still tied
+    assert copied[2].running_mean.data_ptr() != model[2].running_mean.data_ptr()  # buffers copied
+    calls = []
+    copied[1].register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randint(0, 10, (2, 3))
+    assert torch.equal(copied.eval()(x), model.eval()(x).detach())
+    copied.train()(x)  # BatchNorm updates the copy's running statistics only
+    assert calls == [1, 1] and not model[1]._forward_hooks
+    assert torch.equal(model[2].running_mean, torch.zeros(3)) and not model.training
