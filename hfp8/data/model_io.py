@@ -28,7 +28,8 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence, unpack_sequence
 
 __all__ = ["BatchError", "split_batch", "call_model", "map_tensors", "batch_size", "leaf_hooks",
-           "output_leaves", "positional_capacity", "describe", "describe_batch", "slice_batch", "weight_sharing_copy"]
+           "output_leaves", "positional_capacity", "describe", "describe_batch", "slice_batch",
+           "weight_sharing_copy"]
 
 
 class BatchError(TypeError):

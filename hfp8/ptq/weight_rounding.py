@@ -78,9 +78,9 @@ def _round_columns(work: torch.Tensor, feedback: torch.Tensor, round_values) -> 
     ``E[:, j] = (w~_j - q_j) / U[j, j]``, so ``E = (w - q) A`` and the same ``w~`` reads
     ``w~_k = w_k + sum_{j<k} G[k, j] (w_j - q_j)``: each column pulls the errors of the columns
     before it (Babai's nearest-plane algorithm on the basis ``A``; the same rounding to the
-    work's precision). Lazily: columns in blocks of ``BLOCK``, each pulling the errors of all earlier
-    blocks in one matrix product, and within a block sub-blocks of ``INNER`` (the rank-1 updates
-    are memory-bound; sub-blocks keep them small). Columns are handled transposed
+    work's precision). Lazily: columns in blocks of ``BLOCK``, each pulling the errors of all
+    earlier blocks in one matrix product, and within a block sub-blocks of ``INNER`` (the
+    rank-1 updates are memory-bound; sub-blocks keep them small). Columns are handled transposed
     (``(groups, columns, rows)``) so that each column is contiguous."""
     groups, rows, inputs = work.shape
     errors = torch.empty(groups, inputs, rows, dtype=work.dtype)  # w - q, transposed
@@ -132,9 +132,10 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
     side by side, in one column loop for all (each group still with its own ``H``): the loop's
     cost is per column, and a network has many layers of few distinct shapes. A run holds at
     most ``work_bytes`` of work space (weights, errors and feedback, float32 or float64; one
-    weight alone may exceed it), and ``problems`` is consumed: each entry is set to None as its run starts, so the
-    caller, writing each result back as it comes, holds one run's work space and no more. The
-    results equal those of one call per weight (the groups of a run never mix)."""
+    weight alone may exceed it), and ``problems`` is consumed: each entry is set to None as its
+    run starts, so the caller, writing each result back as it comes, holds one run's work space
+    and no more. The results equal those of one call per weight (the groups of a run never
+    mix)."""
     by_shape: dict[tuple, list[tuple[int, int, int]]] = {}  # (d, rows, dtype) -> shapes
     for index, (weight, hessian, exponent_bias) in enumerate(problems):
         groups, inputs = hessian.shape[0], hessian.shape[1]
@@ -142,15 +143,15 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
         if weight.numel() != groups * rows * inputs:
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not match moments of "
                              f"shape {tuple(hessian.shape)}")
-        # float32 where rounding at the biases is exact in it (E4M3 at any bias a weight gets),
-        # float64 for float64 weights
+        # float32 where rounding at the biases is exact in it (E4M3: biases -91..127; a weight
+        # of magnitude 1 gets about 7), float64 for float64 weights
         dtype = rounding_dtype(fmt, exponent_bias, torch.promote_types(weight.dtype, WORK_DTYPE))
         by_shape.setdefault((inputs, rows, dtype), []).append((index, groups, rows))
     for (inputs, rows, dtype), shapes in by_shape.items():
         # work of a weight: itself (rounded in place), its errors and its feedback
-        size = dtype.itemsize
-        for run in runs_within(shapes, lambda shape: size * shape[1] * inputs * (2 * shape[2] + inputs),
-                               work_bytes):
+        def work_size(shape, size=dtype.itemsize, inputs=inputs):
+            return size * shape[1] * inputs * (2 * shape[2] + inputs)
+        for run in runs_within(shapes, work_size, work_bytes):
             total = sum(groups for _, groups, _ in run)
             # the run's weights side by side, written in place (no concatenated copies)
             work = torch.empty(total, rows, inputs, dtype=dtype)
