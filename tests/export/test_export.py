@@ -211,6 +211,25 @@ def test_probe_values_cover_ties_subnormals_and_overflow():
     assert math.isclose(float(finite[finite > 0].min()), 2.0**-9 / 3, rel_tol=1e-6)
 
 
+def _with_doubled_scale(model, layer):
+    """A copy of ``model`` whose input QuantizeLinear of ``layer`` has twice its scale."""
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    quantize = next(n for n in broken.graph.node if n.name == f"{layer}.quantize")
+    scale = next(t for t in broken.graph.initializer if t.name == quantize.input[1])
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
+    return broken
+
+
+def _with_flipped_weight_code(model, layer):
+    """A copy of ``model`` with one exponent bit of ``layer``'s first FP8 weight code flipped."""
+    broken = onnx.ModelProto.FromString(model.SerializeToString())
+    codes = next(t for t in broken.graph.initializer if t.name == f"{layer}.weight_fp8")
+    raw = bytearray(codes.raw_data)
+    raw[0] ^= 0x08
+    codes.raw_data = bytes(raw)
+    return broken
+
+
 def test_verification_fails_on_a_tampered_file(tmp_path):
     qmodel = _quantized("cnn")
     path = tmp_path / "q.onnx"
@@ -230,21 +249,12 @@ def test_verification_fails_on_a_tampered_file(tmp_path):
     assert not passed(report)
 
     # 2. a Q/DQ pair rounds differently (its scale doubled)
-    broken = onnx.ModelProto.FromString(model.SerializeToString())
-    quantize = next(n for n in broken.graph.node if n.name == "1.0.quantize")
-    scale = next(t for t in broken.graph.initializer if t.name == quantize.input[1])
-    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
-    onnx.save(broken, tmp_path / "scale.onnx")
+    onnx.save(_with_doubled_scale(model, "1.0"), tmp_path / "scale.onnx")
     report = hfp8.verify_onnx(qmodel, tmp_path / "scale.onnx", samples)
     assert not report["pairs"]["1.0"]["bit_exact"] and not passed(report)
 
     # 3. a weight code flipped: pairs exact, the layer replay catches it
-    broken = onnx.ModelProto.FromString(model.SerializeToString())
-    codes = next(t for t in broken.graph.initializer if t.name == "1.0.weight_fp8")
-    raw = bytearray(codes.raw_data)
-    raw[0] ^= 0x08  # one exponent bit
-    codes.raw_data = bytes(raw)
-    onnx.save(broken, tmp_path / "weight.onnx")
+    onnx.save(_with_flipped_weight_code(model, "1.0"), tmp_path / "weight.onnx")
     report = hfp8.verify_onnx(qmodel, tmp_path / "weight.onnx", samples)
     assert report["bit_exact"] and not report["layers"]["1.0"]["within_bound"]
     # the layers are replayed side by side in one session: each on its own nodes only
@@ -278,20 +288,11 @@ def test_verification_checks_a_bounded_share_of_large_tensors_and_still_catches_
         shape[0] >= 1 and (math.prod(shape) <= 3000 or shape[0] == 1) and shape[0] < 40
         for shape in replayed.values()), replayed
 
-    broken = onnx.ModelProto.FromString(model.SerializeToString())
-    quantize = next(n for n in broken.graph.node if n.name == "1.0.quantize")
-    scale = next(t for t in broken.graph.initializer if t.name == quantize.input[1])
-    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
-    onnx.save(broken, tmp_path / "scale.onnx")
+    onnx.save(_with_doubled_scale(model, "1.0"), tmp_path / "scale.onnx")
     report = hfp8.verify_onnx(qmodel, tmp_path / "scale.onnx", samples)
     assert not report["pairs"]["1.0"]["bit_exact"]
 
-    broken = onnx.ModelProto.FromString(model.SerializeToString())
-    codes = next(t for t in broken.graph.initializer if t.name == "1.0.weight_fp8")
-    raw = bytearray(codes.raw_data)
-    raw[0] ^= 0x08
-    codes.raw_data = bytes(raw)
-    onnx.save(broken, tmp_path / "weight.onnx")
+    onnx.save(_with_flipped_weight_code(model, "1.0"), tmp_path / "weight.onnx")
     report = hfp8.verify_onnx(qmodel, tmp_path / "weight.onnx", samples)
     assert not report["layers"]["1.0"]["within_bound"]
 
