@@ -11,10 +11,15 @@ done per element so that it covers every format (not only those torch has a dtyp
 the float unit's own round-to-nearest-even performs the rounding; ``- C`` is exact. Saturation is
 a clamp to ``+-max_finite`` before rounding (the max is on the grid). Everything stays in the
 input's floating-point type, so the result is bit-exact, not an approximation.
+
+Eagerly that is six elementwise passes over cache-sized blocks: clamp, the exponent field, its
+clamp, ``add`` and ``sub`` with ``alpha = C / p`` (a power of two times 1.5, so ``alpha * p`` is
+exact and folding the product into the sum changes nothing), copysign.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,9 +88,9 @@ def _round_nearest(x, out, scratch, sums, mantissa_bits, min_normal, max_finite)
         torch.maximum(scratch, min_normal, out=scratch)
     else:
         scratch.clamp_min_(min_normal)
-    scratch.mul_(1.5 * 2.0 ** (precision - 1 - mantissa_bits))
-    torch.add(out, scratch, out=sums)
-    sums.sub_(scratch)
+    magic_per_binade = 1.5 * 2.0 ** (precision - 1 - mantissa_bits)  # C = magic_per_binade * p
+    torch.add(out, scratch, alpha=magic_per_binade, out=sums)
+    sums.sub_(scratch, alpha=magic_per_binade)
     torch.copysign(sums, out, out=out)
 
 
@@ -168,6 +173,16 @@ def _top_exponent(fmt: FloatFormat) -> int:
     return math.frexp(fmt.max_finite)[1] - 1
 
 
+@functools.lru_cache(maxsize=1024)
+def _grid_constants(fmt: FloatFormat, dtype: torch.dtype) -> tuple[torch.dtype, int, float, float]:
+    """(compute dtype, exponent of the top binade, smallest normal, max finite) of ``fmt`` for
+    ``dtype`` inputs: cached, since a quantized model rounds at the same few formats on every
+    call (computing them is a good part of a small tensor's rounding time)."""
+    top = _top_exponent(fmt)
+    compute = _compute_dtype(dtype, fmt.mantissa_bits, (1 - fmt.exponent_bias, top))
+    return compute, top, fmt.smallest_normal, fmt.max_finite
+
+
 def fake_quantize(
     x: torch.Tensor,
     fmt: FloatFormat,
@@ -192,9 +207,7 @@ def fake_quantize(
     _check(x, rounding)
     if not saturate and fmt.specials == "none":
         raise ValueError(f"{fmt} has no Inf or NaN codes: only saturating conversion exists")
-    top = _top_exponent(fmt)
-    compute = _compute_dtype(x.dtype, fmt.mantissa_bits, (1 - fmt.exponent_bias, top))
-    min_normal, max_finite = fmt.smallest_normal, fmt.max_finite
+    compute, top, min_normal, max_finite = _grid_constants(fmt, x.dtype)
     with torch.no_grad():
         source = x.detach().to(compute).contiguous()
         result = _round(source, fmt.mantissa_bits, min_normal, max_finite, rounding, generator)

@@ -22,6 +22,7 @@ is shown to it (calibration); ``tap`` sees every value before rounding (verifica
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from hfp8.numerics.fake_quant import fake_quantize
 from hfp8.numerics.formats import FloatFormat
 from hfp8.numerics.ops import scale_for_bias
 from hfp8.numerics.traced_rounding import round_at_bias, traceable
@@ -81,6 +83,8 @@ def quantize_point(x: torch.Tensor, fmt: FloatFormat | None, exponent_bias: torc
         return x
     if _fusable(x, fmt):
         return round_at_bias(x, fmt, exponent_bias)
+    if _eager(x):
+        return fake_quantize(x, _at_bias(fmt, int(exponent_bias)))
     return torch.ops.hfp8.quantize_dequantize(
         x, scale_for_bias(fmt, exponent_bias), fmt.exponent_bits, fmt.mantissa_bits,
         fmt.specials, site)
@@ -92,6 +96,20 @@ def _fusable(x: torch.Tensor, fmt: FloatFormat) -> bool:
     the surrounding elementwise work; the same values (:mod:`hfp8.numerics.traced_rounding`)."""
     return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
             and not (x.requires_grad and torch.is_grad_enabled()) and traceable(fmt, x.dtype))
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """A plain tensor outside every tracer (torch.export, TorchDynamo, TorchScript tracing, FX
+    proxies) is rounded by :func:`hfp8.fake_quantize` directly: the operator would compute the
+    same, with its gradient rule, but its dispatch costs about as much as rounding a small
+    tensor. Tracers keep the operator: the exported graph needs one node per point."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
+
+
+@functools.lru_cache(maxsize=1024)
+def _at_bias(fmt: FloatFormat, exponent_bias: int) -> FloatFormat:
+    return fmt.with_bias(exponent_bias)
 
 
 # -- Conv / Linear ----------------------------------------------------------------------------
