@@ -8,9 +8,14 @@ and under ``torch.compile`` (inductor, default mode), run on the same input, int
 warm-up; median of ``--runs``. Compilation starts from an empty inductor cache (a temporary
 ``TORCHINDUCTOR_CACHE_DIR``), so the compile column is what a first run costs. Fidelity of the
 compiled quantized model: its outputs and the eager ones against the quantized model's own
-float64 run (mean relative squared error per sample), the yardstick of the ONNX verification. 2
-threads; glibc's allocator at its defaults (this machine's page-fault behaviour moves a
-MobileNetV2 forward by 2-4x from run to run, hence the interleaving and the medians).
+float64 run (mean relative squared error per sample), the yardstick of the ONNX verification.
+A third eager model, "float + copy", is the float model with a pre-hook that only copies each
+quantized layer's input: the floor for any eager rounding pass that is not fused into the layer.
+2 threads. glibc's allocator: as the environment sets it (``MALLOC_*`` variables, printed and
+written under the table); at its defaults this machine's page faults move a MobileNetV2
+forward by 2-4x from run to run, hence the interleaving and the medians. To take them out::
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/qmodel_speed.py
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ sys.path[:0] = [str(HERE), str(HERE / "gallery")]
 
 import hfp8  # noqa: E402
 from hfp8.export.verify import _per_sample_errors  # noqa: E402
+from hfp8.ptq.quantizers import quantized_layers  # noqa: E402
 from results_doc import add_update_flag, command_line, markdown_table, write_section  # noqa: E402
 
 
@@ -46,6 +52,17 @@ def models():
            list(crops.split(16)), lambda batch: crops[:batch])
     tokens = token_batches(4, 4)
     yield "decoder 10M", decoder("10M"), tokens, lambda batch: torch.cat(tokens)[:batch]
+
+
+def _copying(model, qmodel):
+    """The float model with a forward pre-hook on each layer ``qmodel`` quantizes that only
+    copies the layer's input: what one extra elementwise pass per quantized layer costs eagerly,
+    the floor for any eager rounding that is not fused into the layer."""
+    copying = copy.deepcopy(model)
+    layers = dict(copying.named_modules())
+    for name in quantized_layers(qmodel):
+        layers[name].register_forward_pre_hook(lambda module, args: (args[0].clone(), *args[1:]))
+    return copying
 
 
 def _compiled(model, x) -> tuple:
@@ -78,8 +95,8 @@ def main() -> None:
             x = example(batch)
             float_compiled, float_compile_s = _compiled(model, x)
             quantized_compiled, quantized_compile_s = _compiled(qmodel, x)
-            nets = {"float": model, "quantized": qmodel, "float compiled": float_compiled,
-                    "quantized compiled": quantized_compiled}
+            nets = {"float": model, "float + copy": _copying(model, qmodel), "quantized": qmodel,
+                    "float compiled": float_compiled, "quantized compiled": quantized_compiled}
             truth = exact(x.double() if x.is_floating_point() else x)
             deviations = (_deviation(qmodel(x), truth), _deviation(quantized_compiled(x), truth))
             times = {label: [] for label in nets}
@@ -93,28 +110,35 @@ def main() -> None:
                     times[label].append(time.perf_counter() - start)
             ms = {label: statistics.median(values) * 1e3 for label, values in times.items()}
             eager = ms["quantized"] / ms["float"]
+            floor = ms["float + copy"] / ms["float"]
             fused = ms["quantized compiled"] / ms["float"]
             fused_both = ms["quantized compiled"] / ms["float compiled"]
             print(f"{name}, batch {batch}: float {ms['float']:.1f} ms, quantized "
-                  f"{ms['quantized']:.1f} ms ({eager:.2f}x); compiled: float "
+                  f"{ms['quantized']:.1f} ms ({eager:.2f}x; one copy per layer input "
+                  f"{floor:.2f}x); compiled: float "
                   f"{ms['float compiled']:.1f} ms, quantized {ms['quantized compiled']:.1f} ms "
                   f"({fused:.2f}x of eager float, {fused_both:.2f}x of compiled float); compile "
                   f"{float_compile_s:.0f} s / {quantized_compile_s:.0f} s; deviation from the "
                   f"float64 run: eager {deviations[0]:.3g}, compiled {deviations[1]:.3g}",
                   flush=True)
             rows.append([name, str(batch), f"{ms['float']:.1f}", f"{ms['quantized']:.1f}",
-                         f"**{eager:.2f}x**", f"{ms['float compiled']:.1f}",
+                         f"**{eager:.2f}x**", f"{floor:.2f}x", f"{ms['float compiled']:.1f}",
                          f"{ms['quantized compiled']:.1f}", f"**{fused:.2f}x**",
                          f"{fused_both:.2f}x", f"{quantized_compile_s:.0f} s",
                          f"{deviations[0]:.2g} / {deviations[1]:.2g}"])
     table = markdown_table(
         ["model", "batch", "float ms", "quantized ms", "quantized / float",
-         "float compiled ms", "quantized compiled ms", "quantized compiled / float",
+         "float + a copy of each quantized input / float", "float compiled ms", "quantized compiled ms", "quantized compiled / float",
          "quantized compiled / float compiled", "compile (quantized)",
          "deviation from float64: eager / compiled"], rows)
     print(table)
+    # glibc's allocator settings move these times by up to 2.7x (page faults): the command
+    # written under the table carries them
+    allocator = " ".join(f"{key}={value}" for key, value in sorted(os.environ.items())
+                         if key.startswith("MALLOC_"))
+    print("glibc allocator:", allocator or "defaults")
     if args.update_docs:
-        write_section("qmodel-speed", table, command_line())
+        write_section("qmodel-speed", table, " ".join(filter(None, [allocator, command_line()])))
 
 
 if __name__ == "__main__":
