@@ -26,7 +26,8 @@ from hfp8.data.model_io import (
     output_leaves,
     slice_batch,
 )
-from hfp8.data.samples import SampleConfig, SampleError, SampleFolder
+from hfp8.data.sample_config import SampleConfig
+from hfp8.data.samples import SampleError, SampleFolder
 from hfp8.ptq.report import report_of
 from hfp8.ptq.saving import check_manifest
 

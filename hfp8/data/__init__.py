@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-_PUBLIC = {"SampleConfig": "hfp8.data.samples", "SampleError": "hfp8.data.sample_files",
+_PUBLIC = {"SampleConfig": "hfp8.data.sample_config", "SampleError": "hfp8.data.sample_files",
            "SampleFolder": "hfp8.data.samples"}
 
 __all__ = sorted(_PUBLIC)

@@ -9,8 +9,9 @@ operators of :mod:`hfp8.export.onnx_ops`, translated to standard ONNX:
 
 with ``s = 2^(b_default - b)``: the same numbers as the PyTorch model, bit for bit (see
 :func:`hfp8.verify_onnx`). For export each quantized weight is stored as its FP8 codes (a
-``torch.float8_*`` buffer) read through a parametrization that calls ``hfp8::dequantize_weight``;
-the layer's own forward then reads that weight, whatever its code does with it. The graph is
+``torch.float8_*`` buffer) read through a parametrization that calls ``hfp8::dequantize_weight``
+(:mod:`hfp8.export.deployment_form`); the layer's own forward then reads that weight, whatever
+its code does with it. The graph is
 then named and tagged (:mod:`hfp8.export.onnx_graph`), written in the form onnxruntime's QDQ
 transforms cannot mis-compute (:mod:`hfp8.export.onnx_fp8_form`), checked with ``onnx.checker`` (full
 check) and written atomically; the same model gives the same bytes.
@@ -19,7 +20,6 @@ check) and written atomically; the same model gives the same bytes.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import io
 import json
@@ -33,83 +33,23 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from hfp8._files import atomic_write, atomic_write_all
 from hfp8.data.model_io import BatchError, map_tensors, split_batch
 from hfp8.export import ExportError, onnx_fp8_form, onnx_graph
-from hfp8.export.onnx_ops import (
-    UnsupportedFormatError,
-    exportable_base,
-    onnx_translation_table,
-    torch_fp8_dtype,
-)
-from hfp8.numerics.ops import scale_for_bias
-from hfp8.ptq.operand_sites import operand_sites
-from hfp8.ptq.quantizers import layer_state, quantized_layers, weight_bias_buffer
+from hfp8.export.deployment_form import deployment_form
+from hfp8.export.onnx_ops import onnx_translation_table
+from hfp8.ptq.quantizers import layer_state, quantized_layers
 
 __all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET", "MAX_OPSET", "MANIFEST_KEY",
-           "deployment_form", "capture", "external_data_path", "EXTERNAL_DATA_BYTES"]
+           "capture", "external_data_path", "EXTERNAL_DATA_BYTES"]
 
 DEFAULT_OPSET = 19  # the first opset with FLOAT8 QuantizeLinear/DequantizeLinear
 MAX_OPSET = 21
 # protobuf cannot serialize a message of 2 GiB; leave room for the graph beside the weights
 EXTERNAL_DATA_BYTES = (1 << 31) - (1 << 26)
 from hfp8._report import MANIFEST_KEY  # noqa: E402  (re-exported)
-
-
-class DequantizedWeight(nn.Module):
-    """Parametrization: the layer's ``weight`` is its FP8 codes times the power-of-two scale."""
-
-    def __init__(self, scale: torch.Tensor, site: str) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale)
-        self.site = site
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return torch.ops.hfp8.dequantize_weight(codes, self.scale, 0, self.site)
-
-
-def _store_codes(layer: nn.Module, name: str, weight_name: str) -> None:
-    fmt = layer_state(layer).weight_format
-    weight = layer.get_parameter(weight_name).detach().float()
-    scale = scale_for_bias(fmt, getattr(layer, weight_bias_buffer(weight_name)).cpu())
-    broadcast = scale.reshape(-1, *([1] * (weight.dim() - 1))) if scale.dim() else scale
-    base = exportable_base(fmt)
-    scaled = weight / broadcast  # exact: a power of two
-    codes = scaled.clamp(-base.max_finite, base.max_finite).to(torch_fp8_dtype(fmt))
-    if not torch.equal(codes.float() * broadcast, weight):
-        raise ExportError(f"weights of {name!r} ({weight_name}) are not on the {fmt.name} grid; "
-                          "was the model modified after quantize_model?")
-    del layer._parameters[weight_name]
-    layer.register_buffer(weight_name, codes)
-    site = name if weight_name == "weight" else f"{name}.{weight_name}"
-    parametrize.register_parametrization(layer, weight_name, DequantizedWeight(scale, site),
-                                         unsafe=True)
-
-
-def deployment_form(qmodel: nn.Module) -> nn.Module:
-    """A copy of ``qmodel`` (CPU, eval) whose quantized weights are FP8 codes read through
-    ``hfp8::dequantize_weight``: what the ONNX file stores. It computes the same numbers."""
-    model = copy.deepcopy(qmodel).eval().cpu()
-    for name, layer in quantized_layers(model).items():
-        state = layer_state(layer)
-        for fmt in (state.weight_format, state.input_format):
-            if fmt is not None:
-                try:
-                    exportable_base(fmt)
-                except UnsupportedFormatError as error:
-                    raise ExportError(str(error)) from None
-        if state.weight_format is not None:
-            for weight_name in state.weights:
-                _store_codes(layer, name, weight_name)
-    for _, site in operand_sites(model).values():
-        try:
-            exportable_base(site.fmt)
-        except UnsupportedFormatError as error:
-            raise ExportError(str(error)) from None
-    return model
 
 
 def _dynamic_shapes(args, kwargs, dynamic_batch: bool):

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from hfp8.data.samples import SampleConfig, SampleError, SampleFolder
+from hfp8.data.sample_config import SampleConfig
+from hfp8.data.samples import SampleError, SampleFolder
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import hfp8
-from hfp8.export.onnx_export import _to_onnx, capture, deployment_form
+from hfp8.export.deployment_form import deployment_form
+from hfp8.export.onnx_export import _to_onnx, capture
 from tests.exact_graphs import RandomChain, config_for
 
 DEFAULT_SEEDS = [*range(24), 54]  # 54: the first seed with Relu -> bilinear Resize

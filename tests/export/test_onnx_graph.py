@@ -21,7 +21,8 @@ from torch.nn import functional as F
 
 import hfp8
 from hfp8.export import onnx_fp8_form, onnx_graph, onnx_replay
-from hfp8.export.onnx_export import _to_onnx, capture, deployment_form
+from hfp8.export.deployment_form import deployment_form
+from hfp8.export.onnx_export import _to_onnx, capture
 from hfp8.export.verify import passed
 from tests.exact_graphs import FAST, _dyadic_parameters
 
