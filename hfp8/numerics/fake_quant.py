@@ -138,7 +138,7 @@ def _round(source, mantissa_bits, min_normal, max_finite, rounding, generator) -
     if rounding == "stochastic":
         return _round_stochastic(source, mantissa_bits, min_normal, max_finite, generator)
     result = torch.empty_like(source)
-    if torch.is_tensor(max_finite):
+    if torch.is_tensor(max_finite) or source.numel() <= _BLOCK:  # one block: no slicing
         _round_nearest(source, result, torch.empty_like(source), torch.empty_like(source),
                        mantissa_bits, min_normal, max_finite)
         return result
