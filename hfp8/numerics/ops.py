@@ -1,4 +1,4 @@
-"""The eager rounding operator: ``hfp8::quantize_dequantize``, what every quantized layer calls.
+"""The rounding operator ``hfp8::quantize_dequantize``: one node per point for export and tracing.
 
 ``hfp8::quantize_dequantize(x, scale, exponent_bits, mantissa_bits, specials, site)`` is ``x``
 rounded onto the format ``FloatFormat(exponent_bits, mantissa_bits, b, specials)`` whose bias
@@ -7,6 +7,10 @@ rounded onto the format ``FloatFormat(exponent_bits, mantissa_bits, b, specials)
 ``torch.library.custom_op`` so that the ONNX exporter sees one node per quantization point and
 translates it to ``QuantizeLinear -> DequantizeLinear`` (:mod:`hfp8.export.onnx_ops`); ``site``
 names the point. Registered on import: a quantized model runs once this module is loaded.
+Eagerly, a plain tensor skips the operator's dispatch and goes to :func:`hfp8.fake_quantize`
+itself (the same values and gradient; :func:`hfp8.ptq.quantizers.quantize_point`), and
+``torch.compile`` inference traces plain ops (:mod:`hfp8.numerics.traced_rounding`); under
+``torch.export`` and ``torch.jit.trace`` every point is this operator.
 """
 
 from __future__ import annotations
