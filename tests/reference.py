@@ -51,6 +51,22 @@ def ml_dtypes_round(x: np.ndarray, exponent_bits: int, mantissa_bits: int, speci
     return scaled.astype(x.dtype) * x.dtype.type(scale)
 
 
+def ml_dtypes_round_saturating(x: np.ndarray, fmt) -> np.ndarray:
+    """ml_dtypes' round to nearest even onto ``fmt`` (any object with the FloatFormat fields and
+    ``max_finite``) at its own bias, saturating: clamped to ``+-max_finite`` first (the max is on
+    the grid, so clamping before rounding is saturation). float32 in and out."""
+    clamped = np.clip(x, -fmt.max_finite, fmt.max_finite).astype(np.float32)
+    return ml_dtypes_round(clamped, fmt.exponent_bits, fmt.mantissa_bits, fmt.specials,
+                           fmt.exponent_bias)
+
+
+def same_float32_bits(actual: np.ndarray, expected: np.ndarray) -> bool:
+    """float32 arrays equal bit for bit, NaN for NaN (a NaN's payload is not specified)."""
+    nan = np.isnan(expected)
+    return bool(np.array_equal(np.isnan(actual), nan)
+                and np.array_equal(actual[~nan].view(np.int32), expected[~nan].view(np.int32)))
+
+
 def torch_float8_round(x: torch.Tensor, dtype: torch.dtype, reference_bias: int,
                        bias: int) -> torch.Tensor:
     """Round through a torch float8 dtype at ``bias`` via the power-of-two scale."""

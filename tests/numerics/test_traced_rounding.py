@@ -8,7 +8,12 @@ import torch
 
 from hfp8 import FloatFormat
 from hfp8.numerics.traced_rounding import round_at_bias, traceable
-from tests.reference import dense_sweep, midpoints, ml_dtypes_round
+from tests.reference import (
+    dense_sweep,
+    midpoints,
+    ml_dtypes_round_saturating,
+    same_float32_bits,
+)
 
 CASES = [(4, 3, "fn"), (4, 3, "ieee"), (5, 2, "ieee")]
 
@@ -24,21 +29,6 @@ def _values(fmt: FloatFormat) -> np.ndarray:
     return np.concatenate([sweep, ties, -ties, grid.astype(np.float32), specials])
 
 
-def _expected(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
-    """ml_dtypes' round to nearest even at the bias, saturating (clamp first: the max is on the
-    grid, so clamping before rounding is saturation)."""
-    clamped = np.clip(values, -fmt.max_finite, fmt.max_finite).astype(np.float32)
-    return ml_dtypes_round(clamped, fmt.exponent_bits, fmt.mantissa_bits, fmt.specials,
-                           fmt.exponent_bias)
-
-
-def _same(actual: np.ndarray, expected: np.ndarray) -> bool:
-    """Bit for bit, NaN for NaN (a NaN's payload is not specified)."""
-    nan = np.isnan(expected)
-    return bool(np.array_equal(np.isnan(actual), nan)
-                and np.array_equal(actual[~nan].view(np.int32), expected[~nan].view(np.int32)))
-
-
 @pytest.mark.parametrize("exponent_bits, mantissa_bits, specials", CASES)
 def test_eager_matches_ml_dtypes_at_every_bias_with_ties_subnormals_and_saturation(
         exponent_bits, mantissa_bits, specials):
@@ -47,7 +37,7 @@ def test_eager_matches_ml_dtypes_at_every_bias_with_ties_subnormals_and_saturati
         fmt = base.with_bias(bias)
         values = _values(fmt)
         actual = round_at_bias(torch.from_numpy(values), base, torch.tensor(bias)).numpy()
-        assert _same(actual, _expected(values, fmt)), (fmt, bias)
+        assert same_float32_bits(actual, ml_dtypes_round_saturating(values, fmt)), (fmt, bias)
 
 
 def test_compiled_with_inductor_matches_ml_dtypes_with_one_graph_for_every_bias():
@@ -58,7 +48,7 @@ def test_compiled_with_inductor_matches_ml_dtypes_with_one_graph_for_every_bias(
         fmt = base.with_bias(bias)
         values = _values(fmt)
         actual = compiled(torch.from_numpy(values), torch.tensor(bias)).numpy()
-        assert _same(actual, _expected(values, fmt)), bias
+        assert same_float32_bits(actual, ml_dtypes_round_saturating(values, fmt)), bias
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -67,8 +57,8 @@ def test_half_inputs_round_in_float32_and_keep_their_dtype(dtype):
     values = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 40).to(dtype)
     actual = round_at_bias(values, fmt, torch.tensor(9))
     assert actual.dtype == dtype
-    expected = _expected(values.float().numpy(), fmt)
-    assert _same(actual.float().numpy(), torch.from_numpy(expected).to(dtype).float().numpy())
+    expected = ml_dtypes_round_saturating(values.float().numpy(), fmt)
+    assert same_float32_bits(actual.float().numpy(), torch.from_numpy(expected).to(dtype).float().numpy())
 
 
 def test_float64_inputs_round_in_float64():
@@ -77,7 +67,7 @@ def test_float64_inputs_round_in_float64():
     actual = round_at_bias(values, fmt, torch.tensor(10))
     assert actual.dtype == torch.float64
     # every float32 rounding of these values is exact in float64's grid: the same values
-    expected = _expected(values.float().numpy(), fmt).astype(np.float64)
+    expected = ml_dtypes_round_saturating(values.float().numpy(), fmt).astype(np.float64)
     assert np.array_equal(actual.numpy(), expected)
 
 
