@@ -25,7 +25,7 @@ from hfp8.numerics.ops import scale_for_bias
 from hfp8.ptq.operand_sites import operand_sites
 from hfp8.ptq.quantizers import layer_state, quantized_layers, weight_bias_buffer
 
-__all__ = ["deployment_form", "DequantizedWeight"]
+__all__ = ["DequantizedWeight", "deployment_form"]
 
 
 class DequantizedWeight(nn.Module):
@@ -38,6 +38,14 @@ class DequantizedWeight(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return torch.ops.hfp8.dequantize_weight(codes, self.scale, 0, self.site)
+
+
+def _exportable(fmt) -> None:
+    """An ExportError, the one error export raises, for a format ONNX cannot hold."""
+    try:
+        exportable_base(fmt)
+    except UnsupportedFormatError as error:
+        raise ExportError(str(error)) from None
 
 
 def _store_codes(layer: nn.Module, name: str, weight_name: str) -> None:
@@ -66,16 +74,10 @@ def deployment_form(qmodel: nn.Module) -> nn.Module:
         state = layer_state(layer)
         for fmt in (state.weight_format, state.input_format):
             if fmt is not None:
-                try:
-                    exportable_base(fmt)
-                except UnsupportedFormatError as error:
-                    raise ExportError(str(error)) from None
+                _exportable(fmt)
         if state.weight_format is not None:
             for weight_name in state.weights:
                 _store_codes(layer, name, weight_name)
     for _, site in operand_sites(model).values():
-        try:
-            exportable_base(site.fmt)
-        except UnsupportedFormatError as error:
-            raise ExportError(str(error)) from None
+        _exportable(site.fmt)
     return model
