@@ -91,11 +91,12 @@ def main() -> None:
     for name, model, calibration, example in models():
         qmodel = hfp8.quantize_model(model, calibration, quiet=True)
         exact = copy.deepcopy(qmodel).double()
+        copying = _copying(model, qmodel)
         for batch in args.batches:
             x = example(batch)
             float_compiled, float_compile_s = _compiled(model, x)
             quantized_compiled, quantized_compile_s = _compiled(qmodel, x)
-            nets = {"float": model, "float + copy": _copying(model, qmodel), "quantized": qmodel,
+            nets = {"float": model, "float + copy": copying, "quantized": qmodel,
                     "float compiled": float_compiled, "quantized compiled": quantized_compiled}
             truth = exact(x.double() if x.is_floating_point() else x)
             deviations = (_deviation(qmodel(x), truth), _deviation(quantized_compiled(x), truth))
@@ -132,7 +133,7 @@ def main() -> None:
          "quantized compiled / float compiled", "compile (quantized)",
          "deviation from float64: eager / compiled"], rows)
     print(table)
-    # glibc's allocator settings move these times by up to 2.7x (page faults): the command
+    # glibc's allocator settings move these times by 2-4x (page faults): the command
     # written under the table carries them
     allocator = " ".join(f"{key}={value}" for key, value in sorted(os.environ.items())
                          if key.startswith("MALLOC_"))
