@@ -53,6 +53,29 @@ def moment_bytes(layer: nn.Module) -> int:
     return 8 * groups * width * width
 
 
+# Column strips of the Gram product: each strip computes only its part on or above the diagonal
+# and the rest is mirrored, about half the multiply-adds of the full product (measured 0.64-0.84x
+# its time at d = 384..4096 on 512-4096 rows, 2 threads). Each entry is the same dot product over
+# the same rows as in the full product; a BLAS may still order its sums by the product's shape,
+# but with torch 2.13's CPU build the quantized MobileNetV2 and 10M decoder came out bit for bit
+# the same as with the full product.
+_STRIP = 256
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` per group: ``(groups, n, d)`` -> ``(groups, d, d)``, symmetric."""
+    width = rows.shape[2]
+    columns = rows.transpose(1, 2)
+    if width < 2 * _STRIP:
+        return torch.bmm(columns, rows)
+    gram = rows.new_empty(rows.shape[0], width, width)
+    for start in range(0, width, _STRIP):
+        stop = min(start + _STRIP, width)
+        torch.bmm(columns[:, start:stop], rows[:, :, start:], out=gram[:, start:stop, start:])
+        gram[:, stop:, start:stop] = gram[:, start:stop, stop:].transpose(1, 2)
+    return gram
+
+
 _CHUNK = 1 << 18  # values per step of a float32 -> float64 sum: a 2 MiB temporary, in cache
 
 
@@ -137,7 +160,7 @@ class InputMoments:
     def observe(self, x: torch.Tensor) -> None:
         reseed_for_batch(self)  # the same rows of a batch on whichever rank runs it
         rows = _rows(self.layer, x.detach().float(), self.max_rows, self.generator)
-        moment = torch.bmm(rows.transpose(1, 2), rows).cpu()
+        moment = _gram(rows).cpu()
         if self.sum is None:
             self.sum = moment.double()
         else:

@@ -32,8 +32,12 @@ def _reference_rows(layer, x):
     (nn.Conv2d(5, 2, (4, 3), stride=(1, 2), padding=(0, 2), dilation=(2, 1)), (2, 5, 10, 7)),
     (nn.Conv1d(4, 6, 3, padding=1), (2, 4, 10)),
     (nn.Linear(5, 3), (2, 7, 5)),
+    # wide enough for the Gram product in column strips, the last strip shorter than the rest
+    (nn.Linear(600, 3), (3, 40, 600)),
+    (nn.Conv2d(128, 4, 3, padding=1, groups=2), (2, 128, 5, 5)),  # 2 groups of 576 columns
 ], ids=["grouped-strided", "depthwise-dilated", "pointwise", "pointwise-grouped-strided",
-        "depthwise-multiplier-asymmetric", "full-dilated-uneven-padding", "conv1d", "linear"])
+        "depthwise-multiplier-asymmetric", "full-dilated-uneven-padding", "conv1d", "linear",
+        "linear-wide-strips", "grouped-wide-strips"])
 def test_second_moments_equal_the_unfolded_inputs(layer, shape):
     torch.manual_seed(0)
     x = torch.randn(*shape)
