@@ -10,7 +10,8 @@ error-compensating weight rounding needs: the expected squared output error of a
 
 Streaming and bounded: each call adds at most ``max_rows`` rows per group (a seeded random
 choice of positions, fewer for very wide layers so that at most ``max_values`` values are
-gathered), so memory is ``groups x d x d`` whatever the calibration size. Non-finite inputs are
+gathered), so memory is at most ``groups x d x d`` float64 whatever the calibration size (a wide
+layer keeps the upper half only, see ``_BAND``). Non-finite inputs are
 not filtered here: the observers of the same pass refuse them before the moments are used.
 Convolutions are unfolded with the layer's own stride, padding and dilation from the input the
 layer receives; a subclass that pads inside its forward (TF "same" padding) is seen without that
@@ -25,7 +26,7 @@ from torch import nn
 from hfp8 import distributed
 from hfp8.data.batches import reseed_for_batch
 
-__all__ = ["InputMoments", "supports", "moment_bytes"]
+__all__ = ["InputMoments", "moment_bytes", "supports"]
 
 
 _VECTOR_INPUTS = (nn.Linear, nn.RNNBase, nn.RNNCellBase)  # rows are the input's last dimension
@@ -47,33 +48,30 @@ def _groups_and_width(layer: nn.Module) -> tuple[int, int]:
     return layer.groups, layer.weight[0].numel()
 
 
-def moment_bytes(layer: nn.Module) -> int:
-    """Bytes of ``layer``'s float64 second moments: ``8 * groups * d^2``."""
-    groups, width = _groups_and_width(layer)
-    return 8 * groups * width * width
-
-
-# Column strips of the Gram product: each strip computes only its part on or above the diagonal
-# and the rest is mirrored, about half the multiply-adds of the full product (measured 0.64-0.84x
-# its time at d = 384..4096 on 512-4096 rows, 2 threads). Each entry is the same dot product over
-# the same rows as in the full product; a BLAS may still order its sums by the product's shape,
+# Wide layers keep only the upper part of their symmetric moment, in bands of _BAND rows: band
+# ``i`` holds rows ``[i B, (i+1) B)`` from column ``i B`` on (``d (d + B) / 2`` values instead of
+# ``d^2``: 0.53 of the square at d = 4096). Each batch computes just those bands
+# (``x[:, band]^T x[:, i B:]``), about half the multiply-adds of the whole product (measured
+# 0.64-0.84x its time at d = 384..4096 on 512-4096 rows, 2 threads), and the square is put
+# together, mirrored, only when compensated rounding takes it. Each entry is the same dot product
+# over the same rows as in the whole product: a BLAS may order its sums by the product's shape,
 # but with torch 2.13's CPU build the quantized MobileNetV2 and 10M decoder came out bit for bit
-# the same as with the full product.
-_STRIP = 256
+# the same. A layer narrower than two bands keeps the whole square.
+_BAND = 256
 
 
-def _gram(rows: torch.Tensor) -> torch.Tensor:
-    """``rows^T rows`` per group: ``(groups, n, d)`` -> ``(groups, d, d)``, symmetric."""
-    width = rows.shape[2]
-    columns = rows.transpose(1, 2)
-    if width < 2 * _STRIP:
-        return torch.bmm(columns, rows)
-    gram = rows.new_empty(rows.shape[0], width, width)
-    for start in range(0, width, _STRIP):
-        stop = min(start + _STRIP, width)
-        torch.bmm(columns[:, start:stop], rows[:, :, start:], out=gram[:, start:stop, start:])
-        gram[:, stop:, start:stop] = gram[:, start:stop, stop:].transpose(1, 2)
-    return gram
+def _bands(width: int) -> list[tuple[int, int]]:
+    """(first row, end row) of each stored band; a narrow layer's one band is the square."""
+    if width < 2 * _BAND:
+        return [(0, width)]
+    return [(start, min(start + _BAND, width)) for start in range(0, width, _BAND)]
+
+
+def moment_bytes(layer: nn.Module) -> int:
+    """Bytes of ``layer``'s float64 second moments as accumulated: ``8 groups d^2`` for a
+    narrow layer, about ``8 groups d (d + 256) / 2`` for a wide one (the upper bands only)."""
+    groups, width = _groups_and_width(layer)
+    return 8 * groups * sum((stop - start) * (width - start) for start, stop in _bands(width))
 
 
 _CHUNK = 1 << 18  # values per step of a float32 -> float64 sum: a 2 MiB temporary, in cache
@@ -153,18 +151,21 @@ class InputMoments:
         self.max_rows = min(max_rows, max(256, max_values // max(width, 1)))
         self.seed, self._batch = seed, None
         self.generator = torch.Generator().manual_seed(seed)
-        self.sum: torch.Tensor | None = None
+        self.bands: list[torch.Tensor] | None = None  # float64 sums, see _BAND
         self.count = 0
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         reseed_for_batch(self)  # the same rows of a batch on whichever rank runs it
         rows = _rows(self.layer, x.detach().float(), self.max_rows, self.generator)
-        moment = _gram(rows).cpu()
-        if self.sum is None:
-            self.sum = moment.double()
+        columns, width = rows.transpose(1, 2), rows.shape[2]
+        bands = [torch.bmm(columns[:, start:stop], rows[:, :, start:]).cpu()
+                 for start, stop in _bands(width)]
+        if self.bands is None:
+            self.bands = [band.double() for band in bands]
         else:
-            _add_into(self.sum, moment)
+            for total, band in zip(self.bands, bands):
+                _add_into(total, band)
         self.count += rows.shape[1]
 
     def reduce(self) -> None:
@@ -172,20 +173,38 @@ class InputMoments:
         if not distributed.active():
             return
         groups, width = _groups_and_width(self.layer)
-        total = self.sum if self.sum is not None else torch.zeros(groups, width, width,
-                                                                   dtype=torch.float64)
-        distributed.all_reduce(total)
+        bands = self.bands if self.bands is not None else \
+            [torch.zeros(groups, stop - start, width - start, dtype=torch.float64)
+             for start, stop in _bands(width)]
+        for band in bands:
+            distributed.all_reduce(band)
         count = distributed.all_reduce(torch.tensor(float(self.count), dtype=torch.float64))
-        self.sum, self.count = (total, int(count)) if int(count) else (None, 0)
+        self.bands, self.count = (bands, int(count)) if int(count) else (None, 0)
 
     def hessian(self) -> torch.Tensor | None:
         """``(groups, d, d)`` float64, or None if nothing was observed."""
-        return None if self.sum is None or self.count == 0 else self.sum / self.count
+        return self._square(release=False)
 
     def take_hessian(self) -> torch.Tensor | None:
-        """:meth:`hessian` without a copy: the accumulated sum is divided in place and handed
-        over (this accumulator is empty afterwards)."""
-        if self.sum is None or self.count == 0:
+        """:meth:`hessian`, after which this accumulator is empty: each band is released as
+        soon as it is in the square (a narrow layer's square is divided in place, no copy)."""
+        return self._square(release=True)
+
+    def _square(self, release: bool) -> torch.Tensor | None:
+        bands, count = self.bands, self.count
+        if release:
+            self.bands, self.count = None, 0
+        if bands is None or count == 0:
             return None
-        hessian, self.sum, self.count = self.sum.div_(self.count), None, 0
-        return hessian
+        if len(bands) == 1:
+            return bands[0].div_(count) if release else bands[0] / count
+        groups, width = bands[0].shape[0], bands[0].shape[2]
+        square = torch.empty(groups, width, width, dtype=torch.float64)
+        for index, (start, stop) in enumerate(_bands(width)):
+            band = bands[index]
+            if release:
+                bands[index] = None
+            torch.div(band, count, out=square[:, start:stop, start:])
+            square[:, stop:, start:stop] = square[:, start:stop, stop:].transpose(1, 2)
+            del band
+        return square

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hfp8.calibration.input_moments import InputMoments, supports
+from hfp8.calibration.input_moments import InputMoments, moment_bytes, supports
 
 
 def _reference_rows(layer, x):
@@ -83,3 +83,45 @@ def test_sampled_rows_are_rows_of_the_unfolded_input():
                 assert (reference[group] == row).all(dim=1).any()
         moments.observe(x)
         assert moments.count == 7
+
+
+def test_a_wide_layer_holds_only_the_upper_bands_and_moment_bytes_counts_them():
+    """A 2048-wide layer accumulates its upper bands only (about (d + 256) / 2d of the square)
+    and moment_bytes, which the grouping of analysis passes relies on, is what it holds."""
+    layer = nn.Linear(2048, 1)
+    moments = InputMoments(layer)
+    moments.observe(torch.randn(3, 2048))
+    held = sum(band.numel() * band.element_size() for band in moments.bands)
+    assert held == moment_bytes(layer)
+    assert held <= (2048 + 256) / (2 * 2048) * 8 * 2048 ** 2
+    square = moments.hessian()
+    assert torch.equal(square, square.transpose(1, 2))  # mirrored from the bands
+    assert torch.equal(moments.take_hessian(), square)
+    assert moments.bands is None and moments.hessian() is None  # handed over, released
+
+
+def test_reducing_across_ranks_sums_every_band_and_an_idle_rank_sends_the_same_shapes(monkeypatch):
+    """With a process group, each band is all-reduced; a rank that saw nothing sends zeros of
+    the very shapes the others send (gloo needs equal shapes). Two identical ranks are faked by
+    an all_reduce that doubles: the Hessian is unchanged, exactly."""
+    from hfp8.calibration import input_moments
+
+    sent = []
+
+    def doubling(tensor, op="sum"):
+        sent.append(tuple(tensor.shape))
+        return tensor.mul_(2)
+
+    monkeypatch.setattr(input_moments.distributed, "active", lambda: True)
+    monkeypatch.setattr(input_moments.distributed, "all_reduce", doubling)
+    layer = nn.Linear(600, 2)
+    seen = InputMoments(layer, max_rows=10**9)
+    seen.observe(torch.randn(5, 600))
+    before = seen.hessian()
+    seen.reduce()
+    assert torch.equal(seen.hessian(), before)
+    shapes_of_a_rank_that_saw_data, sent[:] = list(sent), []
+    idle = InputMoments(layer)
+    idle.reduce()  # zeros from every rank: still nothing observed
+    assert sent == shapes_of_a_rank_that_saw_data and len(sent) == 4  # 3 bands and the count
+    assert idle.hessian() is None

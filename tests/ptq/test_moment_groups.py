@@ -13,8 +13,10 @@ from hfp8.ptq.quantizers import quantized_layers
 from tests.small_models import calibration_batches, digits, trained
 
 
-def test_moment_bytes_is_eight_bytes_per_entry_of_each_groups_square():
+def test_moment_bytes_is_eight_bytes_per_entry_of_each_groups_square_or_its_upper_bands():
     assert moment_bytes(nn.Linear(10, 3)) == 8 * 10 * 10
+    # 600 wide: bands of 256 rows from the diagonal on, rows 0-255, 256-511, 512-599
+    assert moment_bytes(nn.Linear(600, 3)) == 8 * (256 * 600 + 256 * 344 + 88 * 88)
     assert moment_bytes(nn.Conv2d(8, 16, 3, groups=2)) == 8 * 2 * (4 * 9) ** 2
     assert moment_bytes(nn.Conv1d(4, 4, 5, groups=4)) == 8 * 4 * 5 ** 2
 
