@@ -34,23 +34,49 @@ __all__ = ["analysis_pass", "moment_groups", "calibration_pass", "choose_input_b
 
 
 class _Seeing:
-    """Shows each value to an observer and, for a layer, to its input-moment accumulator."""
+    """Shows each value to an observer and, for a layer, to its input-moment accumulator
+    (then tells the pass's fence, if any, that the layer has been seen)."""
 
-    def __init__(self, observer, moments=None) -> None:
-        self.observer, self.moments = observer, moments
+    def __init__(self, observer, moments=None, fence=None, name=None) -> None:
+        self.observer, self.moments, self.fence, self.name = observer, moments, fence, name
 
     def observe(self, x: torch.Tensor) -> None:
         if self.observer is not None:
             self.observer.observe(x)
         if self.moments is not None:
             self.moments.observe(x)
+            if self.fence is not None:
+                self.fence.seen(self.name)
+
+
+class _StopPass(BaseException):
+    """Ends a forward pass early (a BaseException, so that a model's own ``except
+    Exception`` does not swallow it)."""
+
+
+class _Fence:
+    """Stops a moments-only pass's forward as soon as every layer it measures has seen its
+    input in the current batch: the rest of the model would compute nothing the pass keeps."""
+
+    def __init__(self, names) -> None:
+        self.names, self.pending = frozenset(names), set()
+
+    def open(self) -> None:
+        self.pending = set(self.names)
+
+    def seen(self, name: str) -> None:
+        self.pending.discard(name)
+        if not self.pending:
+            raise _StopPass
 
 
 def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
-                  quiet: bool, observe: bool = True) -> tuple[dict, dict]:
+                  quiet: bool, observe: bool = True, stop_early: bool = False) -> tuple[dict, dict]:
     """A short pass over the first ``num_batches`` batches: provisional observers for every
     point (``observe``), and the input second moments of the quantized Conv1d/2d and Linear
-    layers named in ``moment_layers``. Nothing in the model changes."""
+    layers named in ``moment_layers``. Nothing in the model changes. ``stop_early`` (moments
+    only, for layers that run once per forward): each batch's forward ends as soon as every
+    one of those layers has seen its input."""
     found = quant_points(qmodel) if observe else {}
     observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
     layers = quantized_layers(qmodel)
@@ -59,9 +85,10 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
                in enumerate(layers.items()) if name in moment_layers and supports(layer)}
     states = {name: layer_state(layer) for name, layer in layers.items()
               if name in observers or name in moments}
+    fence = _Fence(moments) if stop_early and moments and not observe else None
     try:
         for name, state in states.items():
-            state.observer = _Seeing(observers.get(name), moments.get(name))
+            state.observer = _Seeing(observers.get(name), moments.get(name), fence, name)
         for name, point in found.items():
             if name not in layers:
                 point.attach_observer(observers[name])
@@ -69,7 +96,12 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
         title = "Second moments and sensitivity data" if observe else "Second moments"
         with batch_statistics([qmodel]), torch.no_grad():
             for batch in calibration_batches(batches, num_batches, device, title, quiet):
-                call_model(qmodel, batch)
+                if fence is not None:
+                    fence.open()
+                try:
+                    call_model(qmodel, batch)
+                except _StopPass:
+                    pass
     finally:
         for state in states.values():
             state.observer = None
@@ -82,13 +114,19 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
     return observers, moments
 
 
-def moment_groups(qmodel: nn.Module, limit: int) -> list[list[str]]:
-    """The quantized layers with second moments, in registration order, cut into groups whose
-    float64 moments stay under ``limit`` bytes together (a layer alone may exceed it): one
-    analysis pass per group bounds the memory the moments take, whatever the model's size."""
+def moment_groups(qmodel: nn.Module, limit: int, order=()) -> list[list[str]]:
+    """The quantized layers with second moments, in model order (those named in ``order``, the
+    order of first calls, first; the rest in registration order), cut into groups whose float64
+    moments stay under ``limit`` bytes together (a layer alone may exceed it), returned **last
+    group first**: one analysis pass per group bounds the memory the moments take, whatever the
+    model's size. Measured from the end, every group's inputs come from layers still rounded
+    to nearest, as in a single pass, so the weights are the single pass's; and the passes
+    after the first need the forward only up to their group."""
     layers = {name: layer for name, layer in quantized_layers(qmodel).items() if supports(layer)}
-    groups = runs_within(layers, lambda name: moment_bytes(layers[name]), limit)
-    return list(groups) or [[]]  # no such layer: one pass, for the observers
+    ordered = [name for name in order if name in layers]
+    ordered += [name for name in layers if name not in set(ordered)]
+    groups = runs_within(ordered, lambda name: moment_bytes(layers[name]), limit)
+    return list(groups)[::-1] or [[]]  # no such layer: one pass, for the observers
 
 
 def calibration_pass(qmodel, model, calibration, config, quiet):

@@ -41,6 +41,7 @@ __all__ = ["ProbeResult", "probe_model"]
 @dataclass
 class ProbeResult:
     executed: list[str] = field(default_factory=list)  # quantizable layers, first-call order
+    calls: dict[str, int] = field(default_factory=dict)  # quantizable layer -> calls in the run
     predecessors: dict[str, set[str]] = field(default_factory=dict)
     sites: dict[str, list[str]] = field(default_factory=dict)  # owner -> ["matmul0", "sdpa0", "recurrent0"]
     output_writers: dict[str, set[str]] = field(default_factory=dict)  # output path -> layers
@@ -134,6 +135,7 @@ def probe_model(model: nn.Module, batch) -> ProbeResult:
             origin = probe.origin((args, kwargs))
             if name not in result.predecessors:
                 result.executed.append(name)
+            result.calls[name] = result.calls.get(name, 0) + 1
             result.predecessors.setdefault(name, set()).update(origin - {name})
 
     def after(module, args, kwargs, output):

@@ -11,8 +11,9 @@ The data flow, in this order, and why:
    chosen from the weight itself (per tensor or per output channel).
 2. **Analysis pass** over the first ``analysis_batches`` batches (:mod:`hfp8.ptq.calibrate`):
    each layer's input second moments and provisional input ranges; past ``MOMENTS_BYTES`` of
-   moments, one more pass (moments only) per further group of layers, each group rounded
-   (step 3) before the next is measured.
+   moments, one more pass (moments only) per further group of layers, from the last group to
+   the first, each group rounded (step 3) before the next is measured (the same weights as one
+   pass; each further pass stops its forward once its layers are measured).
 3. **Refinement** (:mod:`hfp8.ptq.refinement`): weights re-rounded onto the same grid with error
    compensation under those moments; then every layer's effect on the output estimated (one
    forward and one backward pass) and the most harmful ones kept float within the budget.
@@ -192,7 +193,7 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
     layer_plan, site_plan = plan_quantization(qmodel, config, probe)
     weight_summaries = _quantize_weights(qmodel, layer_plan, config)
     attach_planned_sites(qmodel, site_plan, probe, config)
-    sensitivity = _refine(qmodel, model, batches, config, quiet)
+    sensitivity = _refine(qmodel, model, batches, config, quiet, probe)
     observers, bn_report, samples = calibration_pass(qmodel, model, batches, config, quiet)
     summaries = choose_input_biases(qmodel, observers, config)
     kept = {name: reason for name, reason in layer_plan.items() if reason is not None}
@@ -219,23 +220,25 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
     return qmodel.eval()
 
 
-def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool) -> dict:
+def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool, probe: ProbeResult) -> dict:
     """Analysis pass, compensated weight rounding, sensitive layers back to float."""
     compensate = config.weight_rounding == "compensated" and config.weight_format is not None
     select = config.float_budget > 0 or config.target_sqnr_db is not None
     if not quantized_layers(qmodel) or not (compensate or select):
         return {}
-    groups = moment_groups(qmodel, MOMENTS_BYTES) if compensate else [[]]
+    groups = moment_groups(qmodel, MOMENTS_BYTES, probe.executed) if compensate else [[]]
     observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, groups[0], quiet)
     refuse_non_finite(observers)  # before the moments feed the weights
     if compensate:
         compensate_weights(qmodel, model, moments)
         # a model whose moments exceed MOMENTS_BYTES: one more (moments only) pass per group,
-        # each seeing the weights the groups before it already rounded (as GPTQ's layer by
-        # layer order does)
+        # from the last group to the first (see moment_groups); each stops its forward once
+        # its layers have seen their inputs, unless one of them runs more than once per
+        # forward in the probe (a shared or recurrent layer: its later calls count too)
         for group in groups[1:]:
+            once = all(probe.calls.get(name) == 1 for name in group)
             _, moments = analysis_pass(qmodel, batches, config.analysis_batches, group, quiet,
-                                       observe=False)
+                                       observe=False, stop_early=once)
             compensate_weights(qmodel, model, moments)
     if not select:
         return {}

@@ -6,11 +6,10 @@ from torch import nn
 
 import hfp8
 from hfp8.calibration.input_moments import moment_bytes
-from hfp8.numerics.fake_quant import quantize_weight
 from hfp8.ptq import calibrate, pipeline
 from hfp8.ptq.calibrate import moment_groups
 from hfp8.ptq.quantizers import quantized_layers
-from tests.small_models import calibration_batches, digits, trained
+from tests.small_models import calibration_batches, trained
 
 
 def test_moment_bytes_is_eight_bytes_per_entry_of_each_groups_square_or_its_upper_bands():
@@ -21,56 +20,80 @@ def test_moment_bytes_is_eight_bytes_per_entry_of_each_groups_square_or_its_uppe
     assert moment_bytes(nn.Conv1d(4, 4, 5, groups=4)) == 8 * 4 * 5 ** 2
 
 
-def test_groups_keep_model_order_and_stay_under_the_limit():
+def test_groups_keep_model_order_last_group_first_and_stay_under_the_limit():
     qmodel = hfp8.quantize_model(trained("cnn"), calibration_batches(1),
                                  hfp8.QuantConfig(weight_rounding="nearest", float_budget=0),
                                  quiet=True)
     layers = quantized_layers(qmodel)
     sizes = {name: moment_bytes(layer) for name, layer in layers.items()}
     assert moment_groups(qmodel, 10**12) == [list(layers)]
-    assert moment_groups(qmodel, 1) == [[name] for name in layers]  # one layer alone may exceed
+    assert moment_groups(qmodel, 1) == [[name] for name in reversed(layers)]  # one may exceed
     limit = max(sizes.values()) + 1
     groups = moment_groups(qmodel, limit)
-    assert [name for group in groups for name in group] == list(layers)
+    assert [name for group in groups[::-1] for name in group] == list(layers)
     assert all(sum(sizes[name] for name in group) <= limit for group in groups)
+    # the order of first calls wins over registration order; unnamed layers follow
+    called = list(layers)[1:][::-1]
+    assert moment_groups(qmodel, 1, called) == [[name] for name in reversed(called + list(layers)[:1])]
 
 
-def test_one_pass_per_group_holds_one_groups_moments_and_still_compensates(monkeypatch):
-    """With a limit of one byte every layer has its own (moments-only) pass; each pass holds
-    one layer's moments; the weights land on their grids and compensated rounding still beats
-    rounding to nearest on held-out data. With a limit no model reaches, the result is the
-    single pass's, bit for bit."""
+def test_one_pass_per_group_holds_one_groups_moments_and_gives_the_single_pass_weights(monkeypatch):
+    """With a limit of one byte every layer has its own (moments-only) pass and each pass holds
+    one layer's moments. Measured from the last layer back, each layer's input still comes from
+    layers rounded to nearest, as in one pass: the quantized model is the single pass's, bit for
+    bit (measuring front to back, as before, gave other weights). Each pass after the first
+    stops its forward at its layer: the last layer runs in the first pass only."""
     model = trained("cnn")
-    batches, held_out = calibration_batches(3), digits()[2]
+    batches = calibration_batches(3)
     config = hfp8.QuantConfig(float_budget=0.0, bn_recalibration="none")
-    single = hfp8.quantize_model(model, batches, config, quiet=True)
-    held = []
+    held, last_layer_calls = [], []
     original = calibrate.analysis_pass
 
-    def counting(*args, **kwargs):
-        observers, moments = original(*args, **kwargs)
+    def counting(qmodel, *args, **kwargs):
+        last = qmodel.get_submodule(list(quantized_layers(qmodel))[-1])
+        calls = [0]
+        handle = last.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            observers, moments = original(qmodel, *args, **kwargs)
+        finally:
+            handle.remove()
         held.append(len(moments))
+        last_layer_calls.append(calls[0])
         return observers, moments
 
     monkeypatch.setattr(pipeline, "analysis_pass", counting)
     monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 10**12)
-    unbounded = hfp8.quantize_model(model, batches, config, quiet=True)
-    for key, value in single.state_dict().items():
-        assert torch.equal(value, unbounded.state_dict()[key]), key
+    single = hfp8.quantize_model(model, batches, config, quiet=True)
     layers = len(quantized_layers(single))
-    assert held == [layers]
-    held.clear()
+    assert held == [layers] and layers >= 3
+    held.clear(), last_layer_calls.clear()
     monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
     grouped = hfp8.quantize_model(model, batches, config, quiet=True)
     assert held == [1] * layers
-    for name, layer in quantized_layers(grouped).items():
-        bias = layer.weight_exponent_bias
-        assert torch.equal(layer.weight, quantize_weight(layer.weight, hfp8.E4M3, bias)), name
-    nearest = hfp8.quantize_model(model, batches, hfp8.QuantConfig(
-        float_budget=0.0, bn_recalibration="none", weight_rounding="nearest"), quiet=True)
-    with torch.no_grad():
-        reference = model(held_out)
+    assert last_layer_calls == [config.analysis_batches] + [0] * (layers - 1)
+    for key, value in single.state_dict().items():
+        assert torch.equal(value, grouped.state_dict()[key]), key
 
-        def error(qmodel):
-            return float((qmodel(held_out) - reference).double().square().sum())
-        assert error(grouped) < error(nearest)
+
+def test_a_layer_that_runs_twice_per_forward_gets_its_whole_pass(monkeypatch):
+    """A layer called twice per forward (shared weights) sees both calls' inputs in its own
+    moments-only pass: its pass does not stop at the first call, so the weights are again the
+    single pass's."""
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.shared, self.last = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.last(self.shared(torch.relu(self.shared(self.first(x)))))
+
+    model = Twice().eval()
+    batches = [torch.randn(16, 8) for _ in range(3)]
+    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
+    single = hfp8.quantize_model(model, batches, config, quiet=True)
+    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
+    grouped = hfp8.quantize_model(model, batches, config, quiet=True)
+    for key, value in single.state_dict().items():
+        assert torch.equal(value, grouped.state_dict()[key]), key
