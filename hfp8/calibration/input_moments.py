@@ -181,6 +181,16 @@ class InputMoments:
         count = distributed.all_reduce(torch.tensor(float(self.count), dtype=torch.float64))
         self.bands, self.count = (bands, int(count)) if int(count) else (None, 0)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(groups, d, d)``: the shape of :meth:`hessian`."""
+        groups, width = _groups_and_width(self.layer)
+        return groups, width, width
+
+    @property
+    def observed(self) -> bool:
+        return self.bands is not None and self.count > 0
+
     def hessian(self) -> torch.Tensor | None:
         """``(groups, d, d)`` float64, or None if nothing was observed."""
         return self._square(release=False)

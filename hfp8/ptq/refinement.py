@@ -34,6 +34,21 @@ __all__ = ["compensate_weights", "keep_sensitive_layers_float", "SENSITIVITY_SAM
 SENSITIVITY_SAMPLES = 16
 
 
+class _Square:
+    """One layer's second moments, made into their ``(groups, d, d)`` square only when the
+    rounding run that needs them starts (wide layers hold half the square until then: see
+    :mod:`hfp8.calibration.input_moments`), so the squares in memory at once are one run's,
+    not the whole group's. Both directions of a recurrent layer share one."""
+
+    def __init__(self, moments) -> None:
+        self.moments, self.square, self.shape = moments, None, moments.shape
+
+    def __call__(self) -> torch.Tensor:
+        if self.square is None:
+            self.square, self.moments = self.moments.take_hessian(), None
+        return self.square
+
+
 def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> list[str]:
     """Re-round each layer's input matrices with its input moments from the float weights
     (same grid, same bias), all of one weight format in one batched call; returns the names
@@ -43,13 +58,14 @@ def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> li
     for name in list(moments):
         layer = qmodel.get_submodule(name)
         fmt = layer_state(layer).weight_format
-        hessian = moments.pop(name).take_hessian()
-        if hessian is not None and fmt is not None:  # else: never ran, or weights stay float
+        accumulated = moments.pop(name)
+        if accumulated.observed and fmt is not None:  # else: never ran, or weights stay float
+            square = _Square(accumulated)
             for weight_name in input_weight_names(layer):  # (both directions share H)
                 float_weight = model.get_submodule(name).get_parameter(weight_name).detach()
                 by_format.setdefault(fmt, []).append(((name, weight_name), (
-                    float_weight, hessian, getattr(layer, weight_bias_buffer(weight_name)))))
-        del hessian
+                    float_weight, square, getattr(layer, weight_bias_buffer(weight_name)))))
+        del accumulated
     done = []
     for fmt in list(by_format):
         names, problems = zip(*by_format.pop(fmt))

@@ -128,7 +128,8 @@ def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat,
 @torch.no_grad()
 def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int = WORK_BYTES):
     """Yields ``(index, rounded weight)`` for every ``(weight, hessian, exponent_bias)`` of
-    ``problems``, run by run. Weights of the same shape per group (``rows`` x ``d``) are rounded
+    ``problems``, run by run (``hessian``: a tensor, or a callable with its ``shape`` that
+    makes it, called when its run starts). Weights of the same shape per group (``rows`` x ``d``) are rounded
     side by side, in one column loop for all (each group still with its own ``H``): the loop's
     cost is per column, and a network has many layers of few distinct shapes. A run holds at
     most ``work_bytes`` of work space (weights, errors and feedback, float32 or float64; one
@@ -163,6 +164,8 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
                 problems[i] = None  # the second moments can go once their feedback is made
                 mine = slice(offset, offset + groups)
                 work[mine] = weight.detach().reshape(groups, rows, inputs)
+                if callable(hessian):
+                    hessian = hessian()
                 feedback[mine] = _feedback(hessian.double().cpu(), work[mine], dtype)
                 del hessian
                 biases[mine] = _row_biases(exponent_bias, groups, rows)

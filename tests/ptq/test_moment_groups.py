@@ -97,3 +97,33 @@ def test_a_layer_that_runs_twice_per_forward_gets_its_whole_pass(monkeypatch):
     grouped = hfp8.quantize_model(model, batches, config, quiet=True)
     for key, value in single.state_dict().items():
         assert torch.equal(value, grouped.state_dict()[key]), key
+
+
+def test_each_square_is_made_when_its_rounding_run_starts_and_gone_when_it_ends(monkeypatch):
+    """Wide layers hold half their square until compensated rounding takes it; the squares are
+    made run by run (one layer per run here), so no two are alive at once, whatever the number
+    of layers in the group."""
+    import weakref
+
+    from hfp8.calibration.input_moments import InputMoments
+    from hfp8.ptq import refinement, weight_rounding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(520, 520) for _ in range(4))).eval()
+    batches = [torch.randn(64, 520) for _ in range(2)]
+    made = []
+    alive_when_made = []
+    original = InputMoments.take_hessian
+
+    def tracking(self):
+        alive_when_made.append(sum(ref() is not None for ref in made))
+        square = original(self)
+        made.append(weakref.ref(square))
+        return square
+
+    monkeypatch.setattr(InputMoments, "take_hessian", tracking)
+    monkeypatch.setattr(refinement, "rounded_runs",  # work space of one byte: a run per layer
+                        lambda problems, fmt: weight_rounding.rounded_runs(problems, fmt, 1))
+    hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0,
+                                                         keep_first_and_last=False), quiet=True)
+    assert len(made) == 4 and alive_when_made == [0, 0, 0, 0]
