@@ -124,7 +124,8 @@ def moment_groups(qmodel: nn.Module, limit: int, order=()) -> list[list[str]]:
     after the first need the forward only up to their group."""
     layers = {name: layer for name, layer in quantized_layers(qmodel).items() if supports(layer)}
     ordered = [name for name in order if name in layers]
-    ordered += [name for name in layers if name not in set(ordered)]
+    named = set(ordered)
+    ordered += [name for name in layers if name not in named]
     groups = runs_within(ordered, lambda name: moment_bytes(layers[name]), limit)
     return list(groups)[::-1] or [[]]  # no such layer: one pass, for the observers
 

@@ -34,7 +34,8 @@ def test_groups_keep_model_order_last_group_first_and_stay_under_the_limit():
     assert all(sum(sizes[name] for name in group) <= limit for group in groups)
     # the order of first calls wins over registration order; unnamed layers follow
     called = list(layers)[1:][::-1]
-    assert moment_groups(qmodel, 1, called) == [[name] for name in reversed(called + list(layers)[:1])]
+    expected = called + list(layers)[:1]
+    assert moment_groups(qmodel, 1, called) == [[name] for name in reversed(expected)]
 
 
 def test_one_pass_per_group_holds_one_groups_moments_and_gives_the_single_pass_weights(monkeypatch):
