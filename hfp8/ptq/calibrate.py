@@ -77,21 +77,24 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
     layers named in ``moment_layers``. Nothing in the model changes. ``stop_early`` (moments
     only, for layers that run once per forward): each batch's forward ends as soon as every
     one of those layers has seen its input."""
-    found = quant_points(qmodel) if observe else {}
-    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
+    found = quant_points(qmodel)
+    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)} \
+        if observe else {}
     layers = quantized_layers(qmodel)
     # seeded by the layer's position among all quantized layers, whichever pass measures it
     moments = {name: InputMoments(layer, seed=index) for index, (name, layer)
                in enumerate(layers.items()) if name in moment_layers and supports(layer)}
+    # every point passes its values unrounded, observed or not: a moments-only pass sees the
+    # activations the first pass saw (a point left alone would round at its provisional bias)
     states = {name: layer_state(layer) for name, layer in layers.items()
-              if name in observers or name in moments}
+              if name in found or name in moments}
     fence = _Fence(moments) if stop_early and moments and not observe else None
     try:
         for name, state in states.items():
             state.observer = _Seeing(observers.get(name), moments.get(name), fence, name)
         for name, point in found.items():
             if name not in layers:
-                point.attach_observer(observers[name])
+                point.attach_observer(_Seeing(observers.get(name)))
         device = model_device(qmodel)
         title = "Second moments and sensitivity data" if observe else "Second moments"
         with batch_statistics([qmodel]), torch.no_grad():

@@ -128,3 +128,20 @@ def test_each_square_is_made_when_its_rounding_run_starts_and_gone_when_it_ends(
     hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0,
                                                          keep_first_and_last=False), quiet=True)
     assert len(made) == 4 and alive_when_made == [0, 0, 0, 0]
+
+
+def test_a_moments_only_pass_sees_the_activations_unrounded_as_the_first_pass_does(monkeypatch):
+    """Activations far beyond E4M3's range (|x| ~ 1e4 > 448): a point left to round at its
+    provisional bias during a moments-only pass would saturate them and feed the next layer's
+    moments other values than the single pass measured; every point passes them unrounded, so
+    the weights are again the single pass's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    batches = [1e4 * torch.randn(32, 16) for _ in range(2)]
+    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
+    single = hfp8.quantize_model(model, batches, config, quiet=True)
+    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
+    grouped = hfp8.quantize_model(model, batches, config, quiet=True)
+    for key, value in single.state_dict().items():
+        assert torch.equal(value, grouped.state_dict()[key]), key
