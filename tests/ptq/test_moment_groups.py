@@ -76,6 +76,17 @@ def test_one_pass_per_group_holds_one_groups_moments_and_gives_the_single_pass_w
         assert torch.equal(value, grouped.state_dict()[key]), key
 
 
+def _assert_one_layer_per_pass_gives_the_single_pass(model, batches, monkeypatch) -> None:
+    """Every layer quantized (first and last too), compensated, no budget: the state dict with
+    one analysis pass equals the one with a pass per layer (MOMENTS_BYTES of one byte)."""
+    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
+    single = hfp8.quantize_model(model, batches, config, quiet=True)
+    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
+    grouped = hfp8.quantize_model(model, batches, config, quiet=True)
+    for key, value in single.state_dict().items():
+        assert torch.equal(value, grouped.state_dict()[key]), key
+
+
 def test_a_layer_that_runs_twice_per_forward_gets_its_whole_pass(monkeypatch):
     """A layer called twice per forward (shared weights) sees both calls' inputs in its own
     moments-only pass: its pass does not stop at the first call, so the weights are again the
@@ -92,12 +103,7 @@ def test_a_layer_that_runs_twice_per_forward_gets_its_whole_pass(monkeypatch):
 
     model = Twice().eval()
     batches = [torch.randn(16, 8) for _ in range(3)]
-    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
-    single = hfp8.quantize_model(model, batches, config, quiet=True)
-    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
-    grouped = hfp8.quantize_model(model, batches, config, quiet=True)
-    for key, value in single.state_dict().items():
-        assert torch.equal(value, grouped.state_dict()[key]), key
+    _assert_one_layer_per_pass_gives_the_single_pass(model, batches, monkeypatch)
 
 
 def test_each_square_is_made_when_its_rounding_run_starts_and_gone_when_it_ends(monkeypatch):
@@ -139,9 +145,4 @@ def test_a_moments_only_pass_sees_the_activations_unrounded_as_the_first_pass_do
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                           nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     batches = [1e4 * torch.randn(32, 16) for _ in range(2)]
-    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
-    single = hfp8.quantize_model(model, batches, config, quiet=True)
-    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
-    grouped = hfp8.quantize_model(model, batches, config, quiet=True)
-    for key, value in single.state_dict().items():
-        assert torch.equal(value, grouped.state_dict()[key]), key
+    _assert_one_layer_per_pass_gives_the_single_pass(model, batches, monkeypatch)
