@@ -192,29 +192,39 @@ class InputMoments:
         return self.bands is not None and self.count > 0
 
     def hessian(self) -> torch.Tensor | None:
-        """``(groups, d, d)`` float64, or None if nothing was observed."""
-        return self._square(release=False)
+        """``(groups, d, d)`` float64, or None if nothing was observed (a wide layer's square is
+        put together from its bands, mirrored)."""
+        if not self.observed:
+            return None
+        if len(self.bands) == 1:
+            return self.bands[0] / self.count
+        groups, width = self.bands[0].shape[0], self.bands[0].shape[2]
+        square = torch.empty(groups, width, width, dtype=torch.float64)
+        for band, (start, stop) in zip(self.bands, _bands(width)):
+            torch.div(band, self.count, out=square[:, start:stop, start:])
+            square[:, stop:, start:stop] = square[:, start:stop, stop:].transpose(1, 2)
+        return square
 
-    def take_hessian(self) -> torch.Tensor | None:
-        """:meth:`hessian`, after which this accumulator is empty: each band is released as
-        soon as it is in the square (a narrow layer's square is divided in place, no copy)."""
-        return self._square(release=True)
-
-    def _square(self, release: bool) -> torch.Tensor | None:
+    def reversed_square(self, dtype: torch.dtype, release: bool) -> torch.Tensor:
+        """``P H P`` (``P``: the order reversal) in ``dtype``, what compensated rounding factors
+        (:func:`hfp8.ptq.weight_rounding.reversed_square` of :meth:`hessian`, made here from the
+        bands without the float64 square): the same diagonal and lower triangle, bit for bit; a
+        wide layer's upper triangle is 0 outside the bands' diagonal blocks (the factorization
+        never reads it). ``release``: the accumulator is emptied, each band released as it goes
+        in."""
         bands, count = self.bands, self.count
         if release:
             self.bands, self.count = None, 0
-        if bands is None or count == 0:
-            return None
         if len(bands) == 1:
-            return bands[0].div_(count) if release else bands[0] / count
+            return (bands[0] / count).to(dtype).flip((-1, -2))
         groups, width = bands[0].shape[0], bands[0].shape[2]
-        square = torch.empty(groups, width, width, dtype=torch.float64)
+        reversed_ = torch.zeros(groups, width, width, dtype=dtype)
         for index, (start, stop) in enumerate(_bands(width)):
             band = bands[index]
             if release:
                 bands[index] = None
-            torch.div(band, count, out=square[:, start:stop, start:])
-            square[:, stop:, start:stop] = square[:, start:stop, stop:].transpose(1, 2)
+            # H[start:stop, start:] lands, reversed, in rows d-stop..d-start, columns 0..d-start
+            reversed_[:, width - stop:width - start, :width - start] = \
+                (band / count).to(dtype).flip((-1, -2))
             del band
-        return square
+        return reversed_

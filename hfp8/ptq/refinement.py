@@ -35,18 +35,21 @@ SENSITIVITY_SAMPLES = 16
 
 
 class _Square:
-    """One layer's second moments, made into their ``(groups, d, d)`` square only when the
-    rounding run that needs them starts (wide layers hold half the square until then: see
-    :mod:`hfp8.calibration.input_moments`), so the squares in memory at once are one run's,
-    not the whole group's. Both directions of a recurrent layer share one."""
+    """One layer's second moments, made into the reversed square that compensated rounding
+    factors only when the rounding run that needs them starts (wide layers hold half the square
+    until then: see :mod:`hfp8.calibration.input_moments`), so the squares in memory at once
+    are one run's, not the whole group's. ``users``: the weight matrices sharing these moments
+    (both directions of a recurrent layer); the moments are released at the last one."""
 
-    def __init__(self, moments) -> None:
-        self.moments, self.square, self.shape = moments, None, moments.shape
+    def __init__(self, moments, users: int) -> None:
+        self.moments, self.users, self.shape = moments, users, moments.shape
 
-    def __call__(self) -> torch.Tensor:
-        if self.square is None:
-            self.square, self.moments = self.moments.take_hessian(), None
-        return self.square
+    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+        self.users -= 1
+        square = self.moments.reversed_square(dtype, release=self.users == 0)
+        if self.users == 0:
+            self.moments = None
+        return square
 
 
 def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> list[str]:
@@ -60,8 +63,9 @@ def compensate_weights(qmodel: nn.Module, model: nn.Module, moments: dict) -> li
         fmt = layer_state(layer).weight_format
         accumulated = moments.pop(name)
         if accumulated.observed and fmt is not None:  # else: never ran, or weights stay float
-            square = _Square(accumulated)
-            for weight_name in input_weight_names(layer):  # (both directions share H)
+            weight_names = input_weight_names(layer)
+            square = _Square(accumulated, len(weight_names))
+            for weight_name in weight_names:  # (both directions share H)
                 float_weight = model.get_submodule(name).get_parameter(weight_name).detach()
                 by_format.setdefault(fmt, []).append(((name, weight_name), (
                     float_weight, square, getattr(layer, weight_bias_buffer(weight_name)))))

@@ -41,15 +41,22 @@ WORK_BYTES = 256 << 20  # work space of one run of side-by-side weights
 WORK_DTYPE = torch.float32  # of the factorization and the column loop (module docstring)
 
 
-def _feedback(hessian: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """GPTQ's error feedback as one unit lower-triangular ``G`` per group (``(groups, d, d)``);
-    zeroes ``weight`` columns of inputs that never vary (in place).
+def reversed_square(hessian: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``P H P`` (``P``: the order reversal) in ``dtype``, a fresh tensor: what :func:`_feedback`
+    factors (it reads the diagonal and the lower triangle, that is, ``H``'s upper one)."""
+    return hessian.double().cpu().to(dtype).flip((-1, -2))
+
+
+def _feedback(reversed_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """GPTQ's error feedback as one unit lower-triangular ``G`` per group (``(groups, d, d)``),
+    from ``reversed_ = P H P`` (:func:`reversed_square`; only its diagonal and lower triangle
+    are read, and it is damped in place); zeroes ``weight`` columns of inputs that never vary
+    (in place).
 
     With ``P`` the order reversal and ``P H P = L L^T`` (lower Cholesky of the damped ``H``),
     ``A = P L P`` is upper triangular with ``A A^T = H``; GPTQ's factor is ``U = A^-1``
     (``U^T U = H^-1``). ``G[k, j] = A[j, k] / A[k, k]`` for ``j < k``. One factorization and no
     inverse: the loop below reads ``A`` where GPTQ reads ``A^-1``."""
-    reversed_ = hessian.to(dtype).flip((-1, -2))  # a copy, damped in place below
     diagonal = reversed_.diagonal(dim1=1, dim2=2)  # in reversed order
     dead = diagonal == 0
     diagonal[dead] = 1.0
@@ -129,7 +136,7 @@ def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat,
 def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int = WORK_BYTES):
     """Yields ``(index, rounded weight)`` for every ``(weight, hessian, exponent_bias)`` of
     ``problems``, run by run (``hessian``: a tensor, or a callable with its ``shape`` that
-    makes it, called when its run starts). Weights of the same shape per group (``rows`` x
+    makes :func:`reversed_square` of it in the dtype it is given, called when its run starts). Weights of the same shape per group (``rows`` x
     ``d``) are rounded side by side, in one column loop for all (each group still with its own
     ``H``): the loop's cost is per column, and a network has many layers of few distinct
     shapes. A run holds at
@@ -165,10 +172,11 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
                 problems[i] = None  # the second moments can go once their feedback is made
                 mine = slice(offset, offset + groups)
                 work[mine] = weight.detach().reshape(groups, rows, inputs)
-                if callable(hessian):
-                    hessian = hessian()
-                feedback[mine] = _feedback(hessian.double().cpu(), work[mine], dtype)
+                reversed_ = hessian(dtype) if callable(hessian) else \
+                    reversed_square(hessian, dtype)
                 del hessian
+                feedback[mine] = _feedback(reversed_, work[mine])
+                del reversed_
                 biases[mine] = _row_biases(exponent_bias, groups, rows)
                 targets.append((i, mine, weight.shape, weight.device, weight.dtype))
                 offset += groups

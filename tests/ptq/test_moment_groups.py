@@ -120,15 +120,15 @@ def test_each_square_is_made_when_its_rounding_run_starts_and_gone_when_it_ends(
     batches = [torch.randn(64, 520) for _ in range(2)]
     made = []
     alive_when_made = []
-    original = InputMoments.take_hessian
+    original = InputMoments.reversed_square
 
-    def tracking(self):
+    def tracking(self, dtype, release):
         alive_when_made.append(sum(ref() is not None for ref in made))
-        square = original(self)
+        square = original(self, dtype, release)
         made.append(weakref.ref(square))
         return square
 
-    monkeypatch.setattr(InputMoments, "take_hessian", tracking)
+    monkeypatch.setattr(InputMoments, "reversed_square", tracking)
     monkeypatch.setattr(refinement, "rounded_runs",  # work space of one byte: a run per layer
                         lambda problems, fmt: weight_rounding.rounded_runs(problems, fmt, 1))
     hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0,
