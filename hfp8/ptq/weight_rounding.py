@@ -136,10 +136,10 @@ def compensated_rounding_many(problems: list[tuple], fmt: FloatFormat,
 def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int = WORK_BYTES):
     """Yields ``(index, rounded weight)`` for every ``(weight, hessian, exponent_bias)`` of
     ``problems``, run by run (``hessian``: a tensor, or a callable with its ``shape`` that
-    makes :func:`reversed_square` of it in the dtype it is given, called when its run starts). Weights of the same shape per group (``rows`` x
-    ``d``) are rounded side by side, in one column loop for all (each group still with its own
-    ``H``): the loop's cost is per column, and a network has many layers of few distinct
-    shapes. A run holds at
+    makes :func:`reversed_square` of it in the dtype it is given, called when its run
+    starts). Weights of the same shape per group (``rows`` x ``d``) are rounded side by side,
+    in one column loop for all (each group still with its own ``H``): the loop's cost is per
+    column, and a network has many layers of few distinct shapes. A run holds at
     most ``work_bytes`` of work space (weights, errors and feedback, float32 or float64; one
     weight alone may exceed it), and ``problems`` is consumed: each entry is set to None as its
     run starts, so the caller, writing each result back as it comes, holds one run's work space
