@@ -198,8 +198,8 @@ class InputMoments:
             return None
         if len(self.bands) == 1:
             return self.bands[0] / self.count
-        groups, width = self.bands[0].shape[0], self.bands[0].shape[2]
-        square = torch.empty(groups, width, width, dtype=torch.float64)
+        square = torch.empty(self.shape, dtype=torch.float64)
+        width = square.shape[2]
         for band, (start, stop) in zip(self.bands, _bands(width)):
             torch.div(band, self.count, out=square[:, start:stop, start:])
             square[:, stop:, start:stop] = square[:, start:stop, stop:].transpose(1, 2)
@@ -217,8 +217,8 @@ class InputMoments:
             self.bands, self.count = None, 0
         if len(bands) == 1:
             return (bands[0] / count).to(dtype).flip((-1, -2))
-        groups, width = bands[0].shape[0], bands[0].shape[2]
-        reversed_ = torch.zeros(groups, width, width, dtype=dtype)
+        reversed_ = torch.zeros(self.shape, dtype=dtype)
+        width = reversed_.shape[2]
         for index, (start, stop) in enumerate(_bands(width)):
             band = bands[index]
             if release:

@@ -44,7 +44,7 @@ WORK_DTYPE = torch.float32  # of the factorization and the column loop (module d
 def reversed_square(hessian: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``P H P`` (``P``: the order reversal) in ``dtype``, a fresh tensor: what :func:`_feedback`
     factors (it reads the diagonal and the lower triangle, that is, ``H``'s upper one)."""
-    return hessian.double().cpu().to(dtype).flip((-1, -2))
+    return hessian.cpu().to(dtype).flip((-1, -2))  # flip copies: always a fresh tensor
 
 
 def _feedback(reversed_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
