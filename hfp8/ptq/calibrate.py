@@ -10,6 +10,7 @@ see them.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -27,6 +28,7 @@ from hfp8.calibration.observers import HistogramObserver
 from hfp8.data.batches import calibration_batches, model_device
 from hfp8.data.model_io import batch_size, call_model, weight_sharing_copy
 from hfp8.ptq.points import quant_points
+from hfp8.ptq.prefix_replay import PrefixOutputs
 from hfp8.ptq.quantizers import layer_state, quantized_layers
 
 __all__ = ["analysis_pass", "moment_groups", "calibration_pass", "choose_input_biases",
@@ -71,12 +73,17 @@ class _Fence:
 
 
 def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
-                  quiet: bool, observe: bool = True, stop_early: bool = False) -> tuple[dict, dict]:
+                  quiet: bool, observe: bool = True, stop_early: bool = False,
+                  prefix: PrefixOutputs | None = None, cut: str | None = None
+                  ) -> tuple[dict, dict]:
     """A short pass over the first ``num_batches`` batches: provisional observers for every
     point (``observe``), and the input second moments of the quantized Conv1d/2d and Linear
     layers named in ``moment_layers``. Nothing in the model changes. ``stop_early`` (moments
     only, for layers that run once per forward): each batch's forward ends as soon as every
-    one of those layers has seen its input."""
+    one of those layers has seen its input. ``prefix`` without ``cut``: the pass records the
+    outputs that the later passes replay; with ``cut`` (the first layer of
+    ``moment_layers``), the pass replays what was recorded before it
+    (:mod:`hfp8.ptq.prefix_replay`)."""
     found = quant_points(qmodel)
     observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)} \
         if observe else {}
@@ -97,7 +104,9 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
                 point.attach_observer(_Seeing(observers.get(name)))
         device = model_device(qmodel)
         title = "Second moments and sensitivity data" if observe else "Second moments"
-        with batch_statistics([qmodel]), torch.no_grad():
+        replay = contextlib.nullcontext() if prefix is None else \
+            prefix.replaying(cut) if cut is not None else prefix.recording()
+        with batch_statistics([qmodel]), torch.no_grad(), replay:
             for batch in calibration_batches(batches, num_batches, device, title, quiet):
                 if fence is not None:
                     fence.open()
@@ -105,6 +114,9 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
                     call_model(qmodel, batch)
                 except _StopPass:
                     pass
+                else:
+                    if prefix is not None and cut is None:
+                        prefix.batch_done()
     finally:
         for state in states.values():
             state.observer = None

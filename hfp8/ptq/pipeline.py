@@ -62,6 +62,7 @@ from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.graph_probe import ProbeResult, probe_model
 from hfp8.ptq.operand_sites import OperandSite, attach_sites, operand_sites, site_kind
 from hfp8.ptq.plan import plan_quantization
+from hfp8.ptq.prefix_replay import PrefixOutputs
 from hfp8.ptq.quantizers import (
     attach_layer,
     is_quantizable,
@@ -227,7 +228,12 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool, probe: Pro
     if not quantized_layers(qmodel) or not (compensate or select):
         return {}
     groups = moment_groups(qmodel, MOMENTS_BYTES, probe.executed) if compensate else [[]]
-    observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, groups[0], quiet)
+    # past two groups, the first pass records what each later pass would compute before its
+    # group, and that pass replays it (with two, the other group is the first: nothing before)
+    prefix = PrefixOutputs(qmodel, [group[0] for group in groups[1:]]) \
+        if len(groups) > 2 else None
+    observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, groups[0], quiet,
+                                       prefix=prefix)
     refuse_non_finite(observers)  # before the moments feed the weights
     if compensate:
         compensate_weights(qmodel, model, moments)
@@ -238,7 +244,8 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool, probe: Pro
         for group in groups[1:]:
             once = all(probe.calls.get(name) == 1 for name in group)
             _, moments = analysis_pass(qmodel, batches, config.analysis_batches, group, quiet,
-                                       observe=False, stop_early=once)
+                                       observe=False, stop_early=once, prefix=prefix,
+                                       cut=group[0] if prefix is not None else None)
             compensate_weights(qmodel, model, moments)
     if not select:
         return {}

@@ -1,0 +1,252 @@
+"""Moments-only analysis passes replay what the first pass computed before their group: fewer
+forwards, the same weights as one pass, and every module whose replay could differ is run."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hfp8.data.batches import calibration_batches
+from hfp8.ptq import pipeline
+from hfp8.ptq.prefix_replay import PrefixOutputs
+from tests.ptq.test_moment_groups import (
+    _assert_one_layer_per_pass_gives_the_single_pass,
+)
+
+
+class Block(nn.Module):
+    """One Linear and a ReLU; counts how often its own forward really runs."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.runs = 0
+
+    def forward(self, x):
+        self.runs += 1
+        return torch.relu(self.linear(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _batches(count: int = 3, width: int = 8):
+    torch.manual_seed(1)
+    return [torch.randn(16, width) for _ in range(count)]
+
+
+def test_later_passes_run_only_their_own_group_and_give_the_single_pass_weights(monkeypatch):
+    """One layer per pass (MOMENTS_BYTES of one byte): block ``i``'s forward runs in the first
+    pass and in its own layer's pass only (2 batches each); before, every pass from the last
+    layer's back to block ``i``'s ran it again. The state dict is the single pass's."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    runs_in_analysis = []
+    original = pipeline.analysis_pass
+
+    def counting(qmodel, *args, **kwargs):
+        before = [block.runs for block in qmodel.blocks]
+        result = original(qmodel, *args, **kwargs)
+        runs_in_analysis.append([block.runs - b for block, b in zip(qmodel.blocks, before)])
+        return result
+
+    monkeypatch.setattr(pipeline, "analysis_pass", counting)
+    _assert_one_layer_per_pass_gives_the_single_pass(model, _batches(), monkeypatch)
+    grouped = runs_in_analysis[1:]  # [0] is the single pass
+    assert len(grouped) == 5  # head, then blocks 3, 2, 1, 0
+    totals = [sum(column) for column in zip(*grouped)]
+    assert totals == [4, 4, 4, 4]  # the first pass and its own pass, 2 batches each
+
+
+class _AttentionBlock(nn.Module):
+    """Scaled-dot-product attention: the block owns attention sites, whose hooks open and close
+    the rounding of its products around its forward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        attended = F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+        return x + self.o(attended)
+
+
+class Attending(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_AttentionBlock(8) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_blocks_with_attention_sites_replay_and_give_the_single_pass_weights(monkeypatch):
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 6, 8) for _ in range(3)]
+    _assert_one_layer_per_pass_gives_the_single_pass(Attending().eval(), batches, monkeypatch)
+
+
+class ChangedAfterReturn(Stack):
+    """The caller adds to block 0's output in place after it returned."""
+
+    def forward(self, x):
+        x = self.blocks[0](x)
+        x += 1.0
+        for block in self.blocks[1:]:
+            x = block(x)
+        return self.head(x)
+
+
+class ChangesItsInput(nn.Module):
+    """Block 1 doubles its input in place; the caller reads that input again afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(8) for _ in range(3))
+        self.doubler = _Doubler()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.blocks[0](x) + 0.0
+        y = self.doubler(x)
+        return self.head(self.blocks[2](self.blocks[1](x + y)))
+
+
+class _Doubler(nn.Module):
+    def forward(self, x):
+        x.mul_(2.0)
+        return x.sum(-1, keepdim=True)
+
+
+class Skip(Stack):
+    """Block 0's output also goes straight to block 3: a wrong replay of block 0 reaches a layer
+    measured in a replaying pass (blocks 1 and 2 are replayed in that pass too)."""
+
+    def first(self, x):
+        return self.blocks[0](x)
+
+    def forward(self, x):
+        first = self.first(x)
+        x = self.blocks[2](self.blocks[1](first))
+        return self.head(self.blocks[3](x + first))
+
+
+class ListOutput(Skip):
+    """Block 0 returns a list, whose item the caller replaces after it returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[0] = _ListBlock(8)
+
+    def first(self, x):
+        outputs = self.blocks[0](x)
+        outputs[0] = outputs[0] * 2.0
+        return outputs[0]
+
+
+class _ListBlock(Block):
+    def forward(self, x):
+        return [super().forward(x)]
+
+
+class SharedTwice(nn.Module):
+    """``shared`` runs twice per forward; ``middle``, measured in a replaying pass, reads both
+    of its outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.shared, self.middle, self.last = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        once = self.shared(self.first(x))
+        twice = self.shared(torch.relu(once))
+        return self.last(torch.relu(self.middle(once + twice)))
+
+
+def test_an_output_changed_in_place_after_it_returned_is_run_again(monkeypatch):
+    torch.manual_seed(0)
+    _assert_one_layer_per_pass_gives_the_single_pass(ChangedAfterReturn().eval(), _batches(),
+                                                     monkeypatch)
+
+
+def test_a_module_that_changes_its_input_in_place_is_run_again(monkeypatch):
+    torch.manual_seed(0)
+    _assert_one_layer_per_pass_gives_the_single_pass(ChangesItsInput().eval(), _batches(),
+                                                     monkeypatch)
+
+
+def test_a_module_called_twice_per_forward_is_run_again(monkeypatch):
+    torch.manual_seed(0)
+    _assert_one_layer_per_pass_gives_the_single_pass(SharedTwice().eval(), _batches(),
+                                                     monkeypatch)
+
+
+def test_a_list_output_is_run_again(monkeypatch):
+    torch.manual_seed(0)
+    _assert_one_layer_per_pass_gives_the_single_pass(ListOutput().eval(), _batches(), monkeypatch)
+
+
+def test_a_replayed_modules_forward_hook_changes_its_output_once(monkeypatch):
+    """A user's forward hook that scales block 0's output: the recorded output is the forward's
+    own return, and the hook scales it once on replay as when the block runs."""
+    torch.manual_seed(0)
+    model = Skip().eval()
+    model.blocks[0].register_forward_hook(lambda module, args, output: output * 3.0)
+    _assert_one_layer_per_pass_gives_the_single_pass(model, _batches(), monkeypatch)
+
+
+def _record(model, cuts, batches):
+    prefix = PrefixOutputs(model, cuts)
+    with prefix.recording(), torch.no_grad():
+        for batch in calibration_batches(batches, None, torch.device("cpu"), "", quiet=True):
+            model(batch)
+            prefix.batch_done()
+    return prefix
+
+
+def test_the_frontier_is_what_has_returned_at_the_coarsest_level():
+    """Cut at block 2's Linear: blocks 0 and 1 (not their Linears), nothing of block 2 yet."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    prefix = _record(model, ["blocks.2.linear"], _batches(2))
+    assert set(prefix.saved) == {0, 1}
+    for batch in prefix.saved.values():
+        assert set(batch["blocks.2.linear"]) == {model.blocks[0], model.blocks[1]}
+
+
+def test_a_global_module_hook_turns_recording_off():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        prefix = _record(model, ["blocks.2.linear"], _batches(2))
+    finally:
+        handle.remove()
+    assert prefix.saved == {}
+
+
+def test_replay_hands_the_recorded_outputs_back_and_releases_them():
+    torch.manual_seed(0)
+    model = Stack().eval()
+    batches = _batches(2)
+    prefix = _record(model, ["blocks.3.linear"], batches)
+    before = [block.runs for block in model.blocks]
+    with prefix.replaying("blocks.3.linear"), torch.no_grad():
+        outputs = [model(batch) for batch in
+                   calibration_batches(batches, None, torch.device("cpu"), "", quiet=True)]
+    assert [block.runs - b for block, b in zip(model.blocks, before)] == [0, 0, 0, 2]
+    with torch.no_grad():
+        assert all(torch.equal(out, model(batch)) for out, batch in zip(outputs, batches))
+    assert prefix.saved == {0: {}, 1: {}}
+    assert "forward" not in model.blocks[0].__dict__  # the class's forward is back
