@@ -27,6 +27,7 @@ from hfp8.calibration.input_moments import InputMoments, moment_bytes, supports
 from hfp8.calibration.observers import HistogramObserver
 from hfp8.data.batches import calibration_batches, model_device
 from hfp8.data.model_io import batch_size, call_model, weight_sharing_copy
+from hfp8.ptq.operand_sites import owners_closed
 from hfp8.ptq.points import quant_points
 from hfp8.ptq.prefix_replay import PrefixOutputs
 from hfp8.ptq.quantizers import layer_state, quantized_layers
@@ -111,7 +112,8 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
                 if fence is not None:
                     fence.open()
                 try:
-                    call_model(qmodel, batch)
+                    with owners_closed():  # the stop skips attention owners' closing hooks
+                        call_model(qmodel, batch)
                 except _StopPass:
                     pass
                 else:

@@ -61,7 +61,13 @@ from hfp8.ptq.calibrate import (
 )
 from hfp8.ptq.config import REPORT_ATTRIBUTE, QuantConfig
 from hfp8.ptq.graph_probe import ProbeResult, probe_model
-from hfp8.ptq.operand_sites import OperandSite, attach_sites, operand_sites, site_kind
+from hfp8.ptq.operand_sites import (
+    OperandSite,
+    attach_sites,
+    operand_sites,
+    owners_closed,
+    site_kind,
+)
 from hfp8.ptq.plan import plan_quantization
 from hfp8.ptq.prefix_replay import PrefixOutputs
 from hfp8.ptq.quantizers import (
@@ -164,7 +170,8 @@ def quantize_model(model: nn.Module, calibration, config: QuantConfig = QuantCon
     every statistic is reduced across ranks: all ranks end with the same model, the one a single
     process would make from the union of the shards (:mod:`hfp8.distributed`).
     """
-    with distributed.agreed():  # with a process group: every rank ends together, or all raise
+    # owners_closed: an interrupt inside a forward leaves no attention owner open in the process
+    with distributed.agreed(), owners_closed():  # with a process group: all ranks end together
         return _quantize(model, calibration, config, quiet)
 
 

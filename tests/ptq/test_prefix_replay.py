@@ -2,10 +2,12 @@
 forwards, the same weights as one pass, and every module whose replay could differ is run."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+import hfp8
 from hfp8.data.batches import calibration_batches
 from hfp8.ptq import pipeline
 from hfp8.ptq.prefix_replay import PrefixOutputs
@@ -250,3 +252,60 @@ def test_replay_hands_the_recorded_outputs_back_and_releases_them():
         assert all(torch.equal(out, model(batch)) for out, batch in zip(outputs, batches))
     assert prefix.saved == {0: {}, 1: {}}
     assert "forward" not in model.blocks[0].__dict__  # the class's forward is back
+
+
+def _nothing_left_open():
+    from torch.overrides import _get_current_function_mode_stack
+
+    from hfp8.ptq import operand_sites
+    return operand_sites._frames() == [] and not _get_current_function_mode_stack()
+
+
+def test_stopped_passes_leave_no_attention_owner_open_and_no_model_referenced(monkeypatch):
+    """A pass that stops early leaves its forward by a BaseException, which skips the attention
+    owners' closing hooks: before, the rounding mode stayed active in the process (through the
+    rest of quantize_model and after it) and the stopped blocks stayed referenced."""
+    import gc
+    import weakref
+
+    from hfp8.ptq import calibrate
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
+    open_after_each_pass = []
+    original = calibrate.analysis_pass
+
+    def checking(*args, **kwargs):
+        result = original(*args, **kwargs)
+        open_after_each_pass.append(not _nothing_left_open())
+        return result
+
+    monkeypatch.setattr(pipeline, "analysis_pass", checking)
+    qmodel = hfp8.quantize_model(Attending().eval(), [torch.randn(2, 6, 8) for _ in range(3)],
+                                 hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False),
+                                 quiet=True)
+    assert len(open_after_each_pass) == 12 and not any(open_after_each_pass)
+    assert _nothing_left_open()
+    block = weakref.ref(qmodel.blocks[0])
+    del qmodel
+    gc.collect()
+    assert block() is None
+
+
+def test_an_interrupt_inside_an_attention_block_leaves_no_owner_open(monkeypatch):
+    """Ctrl-C while the quantized model's block runs (its main pass): quantize_model closes the
+    owner on the way out."""
+    torch.manual_seed(0)
+    original = pipeline.calibration_pass
+
+    def interrupted(qmodel, *args, **kwargs):
+        def interrupt(module, args):
+            raise KeyboardInterrupt
+        qmodel.blocks[1].o.register_forward_pre_hook(interrupt)
+        return original(qmodel, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "calibration_pass", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hfp8.quantize_model(Attending().eval(), [torch.randn(2, 6, 8) for _ in range(3)],
+                            quiet=True)
+    assert _nothing_left_open()
