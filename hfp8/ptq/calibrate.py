@@ -137,14 +137,17 @@ def moment_groups(qmodel: nn.Module, limit: int, order=()) -> list[list[str]]:
     moments stay under ``limit`` bytes together (a layer alone may exceed it), returned **last
     group first**: one analysis pass per group bounds the memory the moments take, whatever the
     model's size. Measured from the end, every group's inputs come from layers still rounded
-    to nearest, as in a single pass, so the weights are the single pass's; and the passes
-    after the first need the forward only up to their group."""
+    to nearest, as in a single pass, so the weights are the single pass's. The groups are cut
+    from the end too, so that the last group, which the first (whole) pass measures, is full
+    and the remainder sits at the front: each later pass costs about its own group's share of
+    the forward (it replays what comes before and stops after), so the passes after the first
+    cost the share of all but the last group."""
     layers = {name: layer for name, layer in quantized_layers(qmodel).items() if supports(layer)}
     ordered = [name for name in order if name in layers]
     named = set(ordered)
     ordered += [name for name in layers if name not in named]
-    groups = runs_within(ordered, lambda name: moment_bytes(layers[name]), limit)
-    return list(groups)[::-1] or [[]]  # no such layer: one pass, for the observers
+    groups = runs_within(ordered[::-1], lambda name: moment_bytes(layers[name]), limit)
+    return [group[::-1] for group in groups] or [[]]  # no such layer: one pass, for observers
 
 
 def calibration_pass(qmodel, model, calibration, config, quiet):
