@@ -35,9 +35,9 @@ from hfp8.ptq.recurrent import (
     round_cell_hidden,
 )
 
-__all__ = ["OperandSite", "attach_sites", "operand_sites", "owners_closed", "site_kind", "MATMUL_FUNCTIONS",
-           "SDPA_FUNCTIONS", "SDPA_OPERANDS", "MATMUL_OPERANDS", "RECURRENT_OPERANDS",
-           "SITES_ATTRIBUTE"]
+__all__ = ["OperandSite", "attach_sites", "operand_sites", "owners_closed", "site_kind",
+           "MATMUL_FUNCTIONS", "SDPA_FUNCTIONS", "SDPA_OPERANDS", "MATMUL_OPERANDS",
+           "RECURRENT_OPERANDS", "SITES_ATTRIBUTE"]
 
 SITES_ATTRIBUTE = "hfp8_sites"
 MATMUL_OPERANDS = ("left", "right")

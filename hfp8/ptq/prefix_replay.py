@@ -1,4 +1,4 @@
-"""Replaying what comes before a group: the moments-only analysis passes skip the start of the model.
+"""Replaying what comes before a group: moments-only analysis passes skip the model's start.
 
 A model whose second moments exceed ``MOMENTS_BYTES`` is measured group by group, from the last
 group to the first (:func:`hfp8.ptq.calibrate.moment_groups`). Everything a pass computes before
