@@ -80,7 +80,7 @@ from hfp8.ptq.refinement import compensate_weights, keep_sensitive_layers_float
 from hfp8.ptq.report import QuantReport
 
 __all__ = ["quantize_model", "plan_quantization", "quantized_layers", "attach_planned_sites",
-           "REPORT_ATTRIBUTE", "MOMENTS_BYTES"]
+           "REPORT_ATTRIBUTE", "MOMENTS_BYTES", "REPLAY_BYTES"]
 
 # The second moments compensated rounding needs, held at once (float64): past this, the analysis
 # pass is repeated per group of layers (moments only), so memory does not grow with the model.
@@ -88,6 +88,9 @@ __all__ = ["quantize_model", "plan_quantization", "quantized_layers", "attach_pl
 # 5 groups took 31-39 s against 32-40 s in 2 groups of 1 GiB, peak 3.1 -> 2.55 GiB (128 MiB:
 # no lower peak, 10% slower: compensated rounding batches fewer equal layers per group).
 MOMENTS_BYTES = 256 << 20
+# The most the outputs recorded for those passes to replay may hold (the 150M decoder's: 48 MiB;
+# a CNN's early maps at a large batch could hold more than the moments the groups save).
+REPLAY_BYTES = 256 << 20
 
 
 def _weight_bias(weight: torch.Tensor, config: QuantConfig):
@@ -241,7 +244,7 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool, probe: Pro
     groups = moment_groups(qmodel, MOMENTS_BYTES, probe.executed) if compensate else [[]]
     # past two groups, the first pass records what each later pass would compute before its
     # group, and that pass replays it (with two, the other group is the first: nothing before)
-    prefix = PrefixOutputs(qmodel, [group[0] for group in groups[1:]]) \
+    prefix = PrefixOutputs(qmodel, [group[0] for group in groups[1:]], REPLAY_BYTES) \
         if len(groups) > 2 else None
     observers, moments = analysis_pass(qmodel, batches, config.analysis_batches, groups[0], quiet,
                                        prefix=prefix)

@@ -14,7 +14,8 @@ all, whatever ``G``.
 module that has returned while a module that called it (or the model) is still running, taken
 at the coarsest level: a module's own children are forgotten when it returns (the decoder's
 embeddings and finished blocks, and the first modules of the block holding the cut). Outputs are
-kept by reference, not copied.
+kept by reference, not copied, up to a byte limit over all cuts and batches (past it, a module
+runs).
 
 **Replay is only a shortcut**: any module left out simply runs, so it leaves out (runs) every
 module whose replay could differ from running it:
@@ -85,12 +86,16 @@ class _Call:
 class PrefixOutputs:
     """Records (:meth:`recording`), during one pass, the frontier of each cut layer of
     ``model`` per batch; replays (:meth:`replaying`) one cut's in a later pass. ``cuts``: names of
-    the first layers of the groups measured after the first pass."""
+    the first layers of the groups measured after the first pass; ``limit_bytes``: the most
+    the recorded outputs may hold (a CNN's early maps at a large batch could otherwise hold
+    more than the moments the groups save)."""
 
-    def __init__(self, model: nn.Module, cuts) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, cuts, limit_bytes: int) -> None:
+        self.model, self.limit_bytes = model, limit_bytes
         self.cuts = {model.get_submodule(name): name for name in cuts}
         self.saved: dict[int, dict[str, dict]] = {}  # batch -> cut -> {module: output}
+        self._held: dict[int, int] = {}  # storage address -> bytes, of every output recorded
+        self.bytes_held = 0
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -140,14 +145,30 @@ class PrefixOutputs:
 
     def batch_done(self) -> None:
         """Keeps the frontiers of the batch just run (:func:`current_batch`), less the entries
-        that turned out not to be replayable: called more than once, or changed after they
-        returned."""
+        that turned out not to be replayable (called more than once, or changed after they
+        returned) and those past ``limit_bytes`` held in all (tensor storages counted once;
+        the latest cut's frontier first: it spares its pass the most)."""
         if self._active:
-            self.saved[current_batch()] = {
-                name: {module: output for module, (output, tensors, versions) in frontier.items()
-                       if self._calls.get(module) == 1 and _versions(tensors) == versions}
-                for name, frontier in self._frontiers.items()}
+            kept = {}
+            for name, frontier in reversed(self._frontiers.items()):
+                kept[name] = {}
+                for module, (output, tensors, versions) in frontier.items():
+                    if self._calls.get(module) == 1 and _versions(tensors) == versions and \
+                            self._hold(tensors):
+                        kept[name][module] = output
+            self.saved[current_batch()] = kept
         self._stack, self._calls, self._frontiers = [_Call(None)], {}, {}
+
+    def _hold(self, tensors) -> bool:
+        """Counts the storages of ``tensors`` not yet held; False (nothing counted) if they
+        would take the bytes held past ``limit_bytes``."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        new = {key: size for key, size in storages.items() if key not in self._held}
+        if self.bytes_held + sum(new.values()) > self.limit_bytes:
+            return False
+        self._held.update(new)
+        self.bytes_held += sum(new.values())
+        return True
 
     # -- replay ------------------------------------------------------------------------------
 

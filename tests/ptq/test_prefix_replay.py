@@ -46,10 +46,16 @@ def _batches(count: int = 3, width: int = 8):
     return [torch.randn(16, width) for _ in range(count)]
 
 
-def test_later_passes_run_only_their_own_group_and_give_the_single_pass_weights(monkeypatch):
+@pytest.mark.parametrize(("replay_bytes", "runs"), [(1 << 30, [4, 4, 4, 4]),
+                                                   (1, [10, 8, 6, 4])],
+                         ids=["room to replay", "no room: each pass runs up to its group"])
+def test_later_passes_run_only_their_own_group_and_give_the_single_pass_weights(
+        monkeypatch, replay_bytes, runs):
     """One layer per pass (MOMENTS_BYTES of one byte): block ``i``'s forward runs in the first
-    pass and in its own layer's pass only (2 batches each); before, every pass from the last
-    layer's back to block ``i``'s ran it again. The state dict is the single pass's."""
+    pass and in its own layer's pass only (2 batches each); without room to record (or before
+    the replay), every pass from the last layer's back to block ``i``'s ran it again. The state
+    dict is the single pass's either way."""
+    monkeypatch.setattr(pipeline, "REPLAY_BYTES", replay_bytes)
     torch.manual_seed(0)
     model = Stack().eval()
     runs_in_analysis = []
@@ -65,8 +71,7 @@ def test_later_passes_run_only_their_own_group_and_give_the_single_pass_weights(
     _assert_one_layer_per_pass_gives_the_single_pass(model, _batches(), monkeypatch)
     grouped = runs_in_analysis[1:]  # [0] is the single pass
     assert len(grouped) == 5  # head, then blocks 3, 2, 1, 0
-    totals = [sum(column) for column in zip(*grouped)]
-    assert totals == [4, 4, 4, 4]  # the first pass and its own pass, 2 batches each
+    assert [sum(column) for column in zip(*grouped)] == runs
 
 
 class _AttentionBlock(nn.Module):
@@ -208,8 +213,8 @@ def test_a_replayed_modules_forward_hook_changes_its_output_once(monkeypatch):
     _assert_one_layer_per_pass_gives_the_single_pass(model, _batches(), monkeypatch)
 
 
-def _record(model, cuts, batches):
-    prefix = PrefixOutputs(model, cuts)
+def _record(model, cuts, batches, limit_bytes=1 << 30):
+    prefix = PrefixOutputs(model, cuts, limit_bytes)
     with prefix.recording(), torch.no_grad():
         for batch in calibration_batches(batches, None, torch.device("cpu"), "", quiet=True):
             model(batch)
@@ -225,6 +230,20 @@ def test_the_frontier_is_what_has_returned_at_the_coarsest_level():
     assert set(prefix.saved) == {0, 1}
     for batch in prefix.saved.values():
         assert set(batch["blocks.2.linear"]) == {model.blocks[0], model.blocks[1]}
+
+
+def test_recorded_outputs_stay_within_the_byte_limit_latest_cut_first():
+    """Each block's output is 16 x 8 float32 (512 bytes). With room for three, one batch keeps
+    blocks 0-2 for the cut at block 3 and nothing more; the cut at block 1 finds block 0
+    already held (counted once), the second batch finds no room."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    prefix = _record(model, ["blocks.1.linear", "blocks.3.linear"], _batches(2), 3 * 512)
+    blocks = model.blocks
+    assert set(prefix.saved[0]["blocks.3.linear"]) == {blocks[0], blocks[1], blocks[2]}
+    assert set(prefix.saved[0]["blocks.1.linear"]) == {blocks[0]}
+    assert prefix.saved[1] == {"blocks.3.linear": {}, "blocks.1.linear": {}}
+    assert prefix.bytes_held == 3 * 512
 
 
 def test_a_global_module_hook_turns_recording_off():
