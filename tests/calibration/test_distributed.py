@@ -38,7 +38,10 @@ def _state(qmodel) -> dict:
     return state
 
 
-def _worker(rank, world, init, out, config, failure, timeout, state, name):
+def _worker(rank, world, init, out, config, failure, timeout, state, name, moments_bytes):
+    if moments_bytes is not None:
+        from hfp8.ptq import pipeline
+        pipeline.MOMENTS_BYTES = moments_bytes
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
     try:
@@ -68,13 +71,13 @@ def _worker(rank, world, init, out, config, failure, timeout, state, name):
             dist.destroy_process_group()
 
 
-def _run(world, config, failure=None, timeout=60, name="mobilenet_like"):
+def _run(world, config, failure=None, timeout=60, name="mobilenet_like", moments_bytes=None):
     folder = tempfile.mkdtemp()
     out = os.path.join(folder, "result")
     init = f"file://{os.path.join(folder, 'rendezvous')}"
     state = trained(name).state_dict()
     context = mp.start_processes(_worker, args=(world, init, out, config, failure, timeout, state,
-                                                name),
+                                                name, moments_bytes),
                                  nprocs=world, join=False, start_method="spawn")
     if failure == "die":
         _join_loosely(context, timeout + 60)
@@ -122,6 +125,27 @@ def test_the_default_pipeline_sharded_equals_one_process(world):
     single = _state(hfp8.quantize_model(trained("mobilenet_like"), calibration_batches(5), config,
                                         quiet=True))
     for result in _run(world, config):
+        assert "error" not in result, result
+        for key, expected in single.items():
+            if "running_" in key:
+                _assert_within_one_ulp(result[key], expected, key)
+            elif torch.is_tensor(expected):
+                assert torch.equal(result[key], expected), key
+            else:
+                assert result[key] == expected, key
+
+
+def test_analysis_passes_per_layer_replaying_sharded_equal_one_process(monkeypatch):
+    """One analysis pass per layer (MOMENTS_BYTES of one byte), each replaying what its rank's
+    first pass recorded before its layer for that rank's own batches: the weights and biases
+    are one process's (with the same passes), bit for bit."""
+    from hfp8.ptq import pipeline
+
+    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
+    config = hfp8.QuantConfig()
+    single = _state(hfp8.quantize_model(trained("mobilenet_like"), calibration_batches(5), config,
+                                        quiet=True))
+    for result in _run(2, config, moments_bytes=1):
         assert "error" not in result, result
         for key, expected in single.items():
             if "running_" in key:
