@@ -115,45 +115,37 @@ def test_every_rank_gets_the_biases_and_statistics_of_one_process_over_all_sampl
                 assert result[key] == expected, key
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_the_default_pipeline_sharded_equals_one_process(world):
+def _assert_equals_one_process(result: dict, single: dict) -> None:
+    """Every weight, bias and report entry bit for bit; BN statistics within one ulp (float64
+    summation order)."""
+    assert "error" not in result, result
+    for key, expected in single.items():
+        if "running_" in key:
+            _assert_within_one_ulp(result[key], expected, key)
+        elif torch.is_tensor(expected):
+            assert torch.equal(result[key], expected), key
+        else:
+            assert result[key] == expected, key
+
+
+@pytest.mark.parametrize(("world", "moments_bytes"), [(2, None), (3, 1)],
+                         ids=["2 ranks", "3 ranks, one analysis pass per layer"])
+def test_the_default_pipeline_sharded_equals_one_process(world, moments_bytes, monkeypatch):
     """Issue 20: compensated rounding, the float budget's sensitivity and the analysis pass see
     the batches one process would (the first ``analysis_batches`` over the whole data set, each
     batch sampled by its own index), so every quantized weight and every bias equals one
-    process's bit for bit; BN statistics agree up to float64 summation order."""
-    config = hfp8.QuantConfig()
-    single = _state(hfp8.quantize_model(trained("mobilenet_like"), calibration_batches(5), config,
-                                        quiet=True))
-    for result in _run(world, config):
-        assert "error" not in result, result
-        for key, expected in single.items():
-            if "running_" in key:
-                _assert_within_one_ulp(result[key], expected, key)
-            elif torch.is_tensor(expected):
-                assert torch.equal(result[key], expected), key
-            else:
-                assert result[key] == expected, key
-
-
-def test_analysis_passes_per_layer_replaying_sharded_equal_one_process(monkeypatch):
-    """One analysis pass per layer (MOMENTS_BYTES of one byte), each replaying what its rank's
-    first pass recorded before its layer for that rank's own batches: the weights and biases
-    are one process's (with the same passes), bit for bit."""
+    process's bit for bit; BN statistics agree up to float64 summation order. With 3 ranks the
+    moments are measured one layer per pass (``MOMENTS_BYTES`` of one byte, here and in the
+    ranks), each pass replaying what its rank's first pass recorded for its own batches."""
     from hfp8.ptq import pipeline
 
-    monkeypatch.setattr(pipeline, "MOMENTS_BYTES", 1)
+    if moments_bytes is not None:
+        monkeypatch.setattr(pipeline, "MOMENTS_BYTES", moments_bytes)
     config = hfp8.QuantConfig()
     single = _state(hfp8.quantize_model(trained("mobilenet_like"), calibration_batches(5), config,
                                         quiet=True))
-    for result in _run(2, config, moments_bytes=1):
-        assert "error" not in result, result
-        for key, expected in single.items():
-            if "running_" in key:
-                _assert_within_one_ulp(result[key], expected, key)
-            elif torch.is_tensor(expected):
-                assert torch.equal(result[key], expected), key
-            else:
-                assert result[key] == expected, key
+    for result in _run(world, config, moments_bytes=moments_bytes):
+        _assert_equals_one_process(result, single)
 
 
 def test_a_recurrent_model_sharded_equals_one_process():
