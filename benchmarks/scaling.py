@@ -3,6 +3,7 @@
 tokens.
 
     python benchmarks/scaling.py [--sizes 10M 40M 150M] [--repeats 3] [--update-docs]
+    python benchmarks/scaling.py --sizes 150M --moments-mib 1024 256 128 [--rounds 2]
 
 Each size runs in its own child process (peak memory is that process's maximum resident set,
 ``ru_maxrss``), twice: once building the model and running one float pass (the baseline peak),
@@ -12,6 +13,11 @@ the same 8 batches is timed before and after every PTQ run (median), and each st
 run of ``quantize_model`` is timed by wrapping its function. Reported: PTQ time / one float pass, each step / one float pass, peak memory, and the
 float baseline's peak. Threads: 2; glibc's allocator is left at its defaults (``MALLOC_*``
 variables are printed when set). A ratio that grows with size is a defect even when it is small.
+
+``--moments-mib``: the same measurement with ``hfp8.ptq.pipeline.MOMENTS_BYTES`` set to each
+value in turn (``--rounds`` times over, alternating), side by side: time ratio, analysis pass
+and compensated rounding, analysis passes, peak. Printed only (the stored results and the
+docs table stay those of the default).
 """
 from __future__ import annotations
 
@@ -43,6 +49,9 @@ STEP_TITLES = {"_quantize_weights": "weights: bias choice + nearest rounding",
                "choose_input_biases": "input bias selection"}
 
 
+MOMENTS_VARIABLE = "HFP8_BENCH_MOMENTS_MIB"  # a child's MOMENTS_BYTES, in MiB
+
+
 def child(size: str, quantize: bool, repeats: int) -> dict:
     """Runs in the child process: one size, float only or float + PTQ."""
     import torch
@@ -50,6 +59,10 @@ def child(size: str, quantize: bool, repeats: int) -> dict:
     from decoder import decoder, token_batches
 
     torch.set_num_threads(2)
+    if os.environ.get(MOMENTS_VARIABLE):
+        from hfp8.ptq import pipeline
+
+        pipeline.MOMENTS_BYTES = int(os.environ[MOMENTS_VARIABLE]) << 20
     model = decoder(size)
     batches = token_batches()
     parameters = sum(p.numel() for p in model.parameters())
@@ -70,6 +83,11 @@ def child(size: str, quantize: bool, repeats: int) -> dict:
         seconds: dict = {}
         memory = StepMemory()
         time_steps(seconds, STEPS, memory)
+        from hfp8.ptq import pipeline
+
+        analysis_calls = []
+        counted = pipeline.analysis_pass
+        pipeline.analysis_pass = lambda *a, **k: analysis_calls.append(1) or counted(*a, **k)
         ptq = []
         for _ in range(repeats):
             seconds.clear()
@@ -80,7 +98,8 @@ def child(size: str, quantize: bool, repeats: int) -> dict:
             del qmodel
             passes.append(float_pass())
         result.update(ptq_seconds=statistics.median(ptq), steps=dict(seconds),
-                      step_peak_bytes=memory.stop())
+                      step_peak_bytes=memory.stop(),
+                      analysis_passes=len(analysis_calls) // repeats)
     result["float_pass_seconds"] = statistics.median(passes)
     result["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
@@ -103,6 +122,27 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, cells)
 
 
+def compare_limits(sizes: list[str], limits: list[int], rounds: int, repeats: int) -> None:
+    """Each size quantized with each MOMENTS_BYTES in turn, ``rounds`` times, one child each."""
+    for size in sizes:
+        baseline = run_child(__file__, size, False, repeats)
+        print(f"{size}: float model + pass peak {baseline['peak_bytes'] / 2**30:.2f} GiB")
+        for round_ in range(rounds):
+            for limit in limits:
+                os.environ[MOMENTS_VARIABLE] = str(limit)
+                try:
+                    row = run_child(__file__, size, True, repeats)
+                finally:
+                    del os.environ[MOMENTS_VARIABLE]
+                unit, steps = row["float_pass_seconds"], row["steps"]
+                print(f"  round {round_ + 1}, MOMENTS_BYTES {limit:5d} MiB: "
+                      f"{row['analysis_passes']} analysis passes, PTQ "
+                      f"{row['ptq_seconds']:.1f} s = {row['ptq_seconds'] / unit:.2f}x "
+                      f"(analysis {steps.get('analysis_pass', 0) / unit:.2f}x, compensated "
+                      f"{steps.get('compensate_weights', 0) / unit:.2f}x), peak "
+                      f"{row['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["10M", "40M", "150M"])
@@ -112,10 +152,16 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "scaling.json"))
     from results_doc import add_update_flag, command_line, write_section
 
+    parser.add_argument("--moments-mib", type=int, nargs="+",
+                        help="compare these MOMENTS_BYTES (MiB) side by side; prints only")
+    parser.add_argument("--rounds", type=int, default=1, help="with --moments-mib: alternations")
     add_update_flag(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.quantize, args.repeats)))
+        return
+    if args.moments_mib:
+        compare_limits(args.sizes, args.moments_mib, args.rounds, args.repeats)
         return
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(f"2 threads; allocator settings: {allocator or 'glibc defaults'}")
