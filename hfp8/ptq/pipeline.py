@@ -260,7 +260,7 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool, probe: Pro
             once = all(probe.calls.get(name) == 1 for name in group)
             _, moments = analysis_pass(qmodel, batches, config.analysis_batches, group, quiet,
                                        observe=False, stop_early=once, prefix=prefix,
-                                       cut=group[0] if prefix is not None else None)
+                                       cut=group[0])
             compensate_weights(qmodel, model, moments)
     if not select:
         return {}
