@@ -40,6 +40,7 @@ from hfp8.data.model_io import BatchError, map_tensors, split_batch
 from hfp8.export import ExportError, onnx_fp8_form, onnx_graph
 from hfp8.export.deployment_form import deployment_form
 from hfp8.export.onnx_ops import onnx_translation_table
+from hfp8.ptq.operand_sites import owners_closed
 from hfp8.ptq.quantizers import layer_state, quantized_layers
 
 __all__ = ["export_onnx", "ExportError", "DEFAULT_OPSET", "MAX_OPSET", "MANIFEST_KEY",
@@ -147,6 +148,7 @@ def _check_scales(model: onnx.ModelProto) -> None:
                 raise ExportError(f"internal: the scale of {site} ({role}) is not a constant")
 
 
+@owners_closed()
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
                 opset: int | None = None, dynamic_batch: bool = True,
                 external_data_bytes: int | None = EXTERNAL_DATA_BYTES) -> onnx.ModelProto:

@@ -41,7 +41,7 @@ from hfp8.data.model_io import map_tensors, output_leaves, split_batch
 from hfp8.export import noise_floor, onnx_replay
 from hfp8.export.layer_replay import paired_test, replay_layers, summation_bound
 from hfp8.numerics.sqnr import sqnr_db
-from hfp8.ptq.operand_sites import operand_sites
+from hfp8.ptq.operand_sites import operand_sites, owners_closed
 from hfp8.ptq.points import quant_points
 from hfp8.ptq.quantizers import layer_state, quantize_point, quantized_layers
 from hfp8.ptq.recurrent import is_recurrent
@@ -163,6 +163,7 @@ def _per_sample_errors(candidate: list, baseline: list, size: int) -> np.ndarray
 
 
 @torch.no_grad()
+@owners_closed()
 def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionProvider",),
                 quiet=True) -> dict:
     """Judge the ONNX file at ``path`` against ``qmodel`` on ``samples`` (an iterable of

@@ -28,6 +28,7 @@ from torch import nn
 from hfp8.data.batches import calibration_batches, model_device, to_device
 from hfp8.data.model_io import call_model, output_leaves
 from hfp8.numerics.sqnr import sqnr_db
+from hfp8.ptq.operand_sites import owners_closed
 
 __all__ = ["fidelity", "top1_accuracy", "collect_logits", "compare_outputs", "OutputComparison",
            "perplexity"]
@@ -103,6 +104,7 @@ def _runner(model):
     return device, lambda batch: call_model(model, batch)
 
 
+@owners_closed()
 @torch.no_grad()
 def compare_outputs(reference, test, batches, quiet: bool = True,
                     description: str = "Comparing") -> dict:
@@ -118,6 +120,7 @@ def compare_outputs(reference, test, batches, quiet: bool = True,
     return comparison.result()
 
 
+@owners_closed()
 @torch.no_grad()
 def collect_logits(model, batches, quiet: bool = True,
                    description: str = "Evaluating") -> torch.Tensor:
@@ -163,6 +166,7 @@ def _logits(outputs, tokens: torch.Tensor) -> torch.Tensor:
                      f"tokens of shape {tuple(tokens.shape)}; the model returns {shapes}")
 
 
+@owners_closed()
 @torch.no_grad()
 def perplexity(model, batches, quiet: bool = True, description: str = "Perplexity") -> dict:
     """Next-token perplexity of a causal language model over ``batches`` of token ids (see

@@ -21,6 +21,7 @@ from torch import nn
 from hfp8._report import REPORT_ATTRIBUTE
 from hfp8.calibration.batchnorm import reestimate_batchnorm
 from hfp8.ptq.manifest import build_manifest
+from hfp8.ptq.operand_sites import owners_closed
 
 __all__ = ["QuantReport", "report_of", "manifest", "recalibrate_batchnorm", "REPORT_ATTRIBUTE"]
 
@@ -132,6 +133,7 @@ def manifest(qmodel: nn.Module) -> dict:
     return report_of(qmodel).to_manifest(qmodel)
 
 
+@owners_closed()
 def recalibrate_batchnorm(model: nn.Module, calibration, num_batches: int | None = None, *,
                           method: str = "full", reference: nn.Module | None = None,
                           quiet: bool = False, measure_every: int = 1) -> dict:

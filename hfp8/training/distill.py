@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from hfp8 import distributed
 from hfp8.data.batches import HeldOutSplit, model_device, to_device
 from hfp8.data.model_io import call_model, output_leaves, split_batch
+from hfp8.ptq.operand_sites import owners_closed
 from hfp8.ptq.report import report_of
 from hfp8.training.augment import augment_inputs
 from hfp8.training.config import TrainingConfig
@@ -55,6 +56,7 @@ def distillation_loss(teacher_output, student_output) -> torch.Tensor:
 SCHEDULES = ("cosine", "constant")
 
 
+@owners_closed()
 def finetune(qmodel: nn.Module, teacher: nn.Module, batches, *, steps: int | None = None,
              epochs: int | None = None, lr: float = 1e-5, label_weight: float = 0.0,
              config: TrainingConfig = TrainingConfig(), communication: str = "e5m2",
