@@ -137,17 +137,18 @@ def describe_batch(batch) -> str:
     return describe(batch)
 
 
-def slice_batch(batch, count: int):
-    """The first ``count`` samples of ``batch``: every tensor whose first dimension is the batch
-    size is sliced, anything else (a shared mask, a scalar) kept whole."""
-    size = batch_size(batch)
-    if isinstance(batch, PackedSequence):  # its first sequences, in their original order
-        return pack_sequence(unpack_sequence(batch)[:count], enforce_sorted=False)
+def slice_batch(batch, count: int, start: int = 0):
+    """Samples ``start`` to ``start + count`` of ``batch`` (the first ``count`` by default):
+    every tensor whose first dimension is the batch size is sliced, anything else (a shared
+    mask, a scalar) kept whole."""
+    size, stop = batch_size(batch), start + count
+    if isinstance(batch, PackedSequence):  # those sequences, in their original order
+        return pack_sequence(unpack_sequence(batch)[start:stop], enforce_sorted=False)
     if isinstance(batch, (tuple, list)) and any(isinstance(v, PackedSequence) for v in batch):
-        return type(batch)(slice_batch(v, count) if isinstance(v, PackedSequence) else
-                           map_tensors(v, lambda t: t[:count] if t.dim() and t.shape[0] == size
+        return type(batch)(slice_batch(v, count, start) if isinstance(v, PackedSequence) else
+                           map_tensors(v, lambda t: t[start:stop] if t.dim() and t.shape[0] == size
                                        else t) for v in batch)
-    return map_tensors(batch, lambda t: t[:count] if t.dim() and t.shape[0] == size else t)
+    return map_tensors(batch, lambda t: t[start:stop] if t.dim() and t.shape[0] == size else t)
 
 
 def _first_tensor(value):

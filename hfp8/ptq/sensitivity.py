@@ -40,7 +40,12 @@ from hfp8.data.model_io import (
 from hfp8.numerics.sqnr import sqnr_db
 from hfp8.ptq.recurrent import is_recurrent, weight_names
 
-__all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db"]
+__all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db",
+           "SAVED_BYTES"]
+
+# What autograd may save for one backward of the estimate (activations after the first
+# injected layer): past it, the batch's samples run in chunks (see _accumulate).
+SAVED_BYTES = 128 << 20
 
 
 def _weight_count(module: nn.Module) -> int:
@@ -114,10 +119,87 @@ def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], bat
 def _accumulate(reference, quantized, names, batch, generator, seed, max_samples, totals,
                 bar) -> int:
     """One batch of :func:`layer_sensitivity`: adds each layer's squared projected error to
-    ``totals``; returns the number of output elements it covered."""
+    ``totals``; returns the number of output elements it covered.
+
+    Autograd keeps every activation after the first injection for the backward: when that
+    would pass ``SAVED_BYTES`` (measured on one sample), the samples run in chunks, each its
+    own forward and backward, with the projection drawn and the output RMS taken over the whole
+    batch as in one forward (a forward without gradient gives the outputs first). The same
+    sums, up to float rounding, for a model whose samples do not interact."""
     generator.manual_seed(seed * 1_000_003 + current_batch())  # the same on any rank
     if max_samples is not None:
         batch = slice_batch(batch, max_samples)
+    samples = batch_size(batch)
+    chunk = _samples_per_forward(reference, quantized, names, batch, samples)
+    outputs = _outputs_in_chunks(reference, batch, samples, chunk) if chunk < samples else None
+    if outputs is None:  # one forward and one backward
+        leaves, scales = _injected_forward(reference, quantized, names, batch, bar)
+        rms = {path: _rms(leaf.detach()) for path, leaf in leaves.items()}
+        noises = {path: _noise(leaf.shape, generator, leaf.device) for path, leaf in leaves.items()}
+        _add_gradients(leaves, scales, rms, noises, names, totals, bar)
+        return _elements(leaves.values())
+    rms, noises = {}, {}
+    for start in range(0, samples, chunk):
+        bar.reset(total=len(names))
+        bar.set_postfix_str(f"batch {current_batch() + 1}, samples {start + 1}-"
+                            f"{min(start + chunk, samples)} of {samples}")
+        leaves, scales = _injected_forward(reference, quantized, names,
+                                           slice_batch(batch, chunk, start), bar)
+        if not noises:  # drawn as one forward would: the leaves that depend on a layer, in order
+            rms = {path: _rms(outputs[path]) for path in leaves}
+            noises = {path: _noise(outputs[path].shape, generator, outputs[path].device)
+                      for path in leaves}
+        _add_gradients(leaves, scales, rms, {path: noises[path][start:start + chunk]
+                                              for path in leaves}, names, totals, bar)
+    return _elements(outputs[path] for path in noises)
+
+
+def _outputs_in_chunks(reference, batch, samples: int, chunk: int) -> dict | None:
+    """The reference's float outputs on the whole batch, run ``chunk`` samples at a time
+    without gradient (for their RMS and the projection's shapes); None if an output does not
+    hold one row per sample."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, samples, chunk):
+            part = slice_batch(batch, chunk, start)
+            floats = {path: t for path, t in output_leaves(call_model(reference, part))
+                      if t.is_floating_point()}
+            if not all(t.dim() and t.shape[0] == batch_size(part) for t in floats.values()):
+                return None
+            parts.append(floats)
+    return {path: torch.cat([part[path] for part in parts]) for path in parts[0]}
+
+
+def _samples_per_forward(reference, quantized, names, batch, samples: int) -> int:
+    """How many samples one injected forward may take so that what autograd saves for its
+    backward stays within ``SAVED_BYTES`` (measured on two samples, the weights not counted):
+    all of them unless every output and every layer's output holds one row per sample (two
+    samples tell a per-sample output from one reduced over the batch)."""
+    if samples <= 1:
+        return samples
+    weights = {t.untyped_storage().data_ptr() for t in (*reference.parameters(),
+                                                        *reference.buffers())}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()  # alive until the graph is freed: pointers are unique
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    rows = []  # rows of dim 0 of each injected output: one per sample in a per-sample model
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        leaves, _ = _injected_forward(reference, quantized, names, slice_batch(batch, 2), None,
+                                      rows)
+    if not all(leaf.dim() and leaf.shape[0] == 2 for leaf in leaves.values()) or \
+            any(count != 2 for count in rows):
+        return samples
+    return max(1, min(samples, 2 * SAVED_BYTES // max(sum(saved.values()), 1)))
+
+
+def _injected_forward(reference, quantized, names, batch, bar, rows_seen: list | None = None):
+    """The reference's forward on ``batch`` with each layer's quantization error injected
+    behind a zero scale per output row: (float outputs that depend on an injection, by path;
+    each layer's scale). ``rows_seen`` gets each injected output's row count."""
     scales = {}
 
     def inject(name):
@@ -133,7 +215,10 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
             rows = [leaves[i].shape[0] if leaves[i].dim() else 1 for i in floats]
             scale = torch.zeros(sum(rows), device=noises[0].device, requires_grad=True)
             scales[name] = scale
-            bar.update(1)
+            if rows_seen is not None:
+                rows_seen.extend(rows)
+            if bar is not None:
+                bar.update(1)
             for i, part, noise in zip(floats, scale.split(rows), noises):
                 shape = (-1, *([1] * (noise.dim() - 1))) if noise.dim() else ()
                 leaves[i] = leaves[i] + part.reshape(shape) * noise
@@ -142,25 +227,43 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     handles = [reference.get_submodule(n).register_forward_hook(inject(n)) for n in names]
     try:
         with torch.enable_grad():
-            leaves = [t for _, t in output_leaves(call_model(reference, batch))
-                      if t.is_floating_point() and t.requires_grad]
+            leaves = {path: t for path, t in output_leaves(call_model(reference, batch))
+                      if t.is_floating_point() and t.requires_grad}
     finally:
         for handle in handles:
             handle.remove()
+    return leaves, scales
+
+
+def _rms(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.double().square().mean().sqrt().clamp_min(1e-30).float()
+
+
+def _noise(shape, generator, device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _add_gradients(leaves, scales, rms, noises, names, totals, bar) -> None:
+    """Back-propagates the projection ``sum_leaf (noise . leaf) / rms(leaf)`` to every
+    layer's scale and adds the squared gradients to ``totals``."""
     projection = 0.0
-    for leaf in leaves:
-        rms = leaf.detach().double().square().mean().sqrt().clamp_min(1e-30).float()
-        noise = torch.randn(leaf.shape, generator=generator).to(leaf.device)
-        projection = projection + (noise * leaf).sum() / rms
-    inputs = [scales[n] for n in names if n in scales]
+    for path, leaf in leaves.items():
+        projection = projection + (noises[path] * leaf).sum() / rms[path]
+    injected = [n for n in names if n in scales]
     bar.set_postfix_str(f"batch {current_batch() + 1}, backward")
     if torch.is_tensor(projection) and projection.requires_grad:
-        gradients = torch.autograd.grad(projection, inputs, allow_unused=True)
+        gradients = torch.autograd.grad(projection, [scales[n] for n in injected],
+                                        allow_unused=True)
     else:  # no output depends on a quantized layer (their results were discarded)
-        gradients = [None] * len(inputs)
-    for name, gradient in zip([n for n in names if n in scales], gradients):
+        gradients = [None] * len(injected)
+    for name, gradient in zip(injected, gradients):
         if gradient is not None:
             totals[name] += float(gradient.double().square().sum())
+
+
+def _elements(leaves) -> int:
+    """Output elements of the whole batch: per sample, times the samples."""
+    leaves = list(leaves)
     return sum(leaf[0].numel() if leaf.dim() else 1 for leaf in leaves) * (
         leaves[0].shape[0] if leaves and leaves[0].dim() else 1)
 

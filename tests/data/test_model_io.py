@@ -33,6 +33,15 @@ def test_slicing_a_packed_batch_keeps_its_first_sequences_in_order():
     assert batch_size(labelled) == 2 and labelled[1].tolist() == [7, 8]
 
 
+def test_slicing_from_a_start_takes_those_samples_and_keeps_shared_tensors_whole():
+    sliced = slice_batch(_packed(), 2, start=1)
+    assert [s[:, 0].tolist() for s in unpack_sequence(sliced)] == [[5.0] * 5, [1.0]]
+    batch = {"ids": torch.arange(8).reshape(4, 2), "mask": torch.ones(2)}
+    middle = slice_batch(batch, 2, start=1)
+    assert middle["ids"].tolist() == [[2, 3], [4, 5]] and middle["mask"].shape == (2,)
+    assert slice_batch(batch, 3, start=3)["ids"].tolist() == [[6, 7]]  # past the end: the rest
+
+
 def test_mapping_a_packed_sequence_maps_its_data_and_keeps_its_steps():
     doubled = map_tensors(_packed(), lambda t: t.double())
     assert doubled.data.dtype == torch.float64 and doubled.batch_sizes.dtype == torch.int64

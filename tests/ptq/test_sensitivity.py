@@ -155,3 +155,66 @@ def test_the_progress_bar_counts_layers_so_one_long_batch_does_not_look_hung(cap
     shown = capsys.readouterr().err
     assert "Layer sensitivity" in shown and f"/{len(names)} [" in shown and "layer/s" in shown
     assert "batch 1, forward" in shown
+
+
+def _counting_forwards(model):
+    """A list that gets one entry per forward of ``model`` or any copy of it made later
+    (the estimate's reference is a copy that keeps the model's hooks)."""
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_samples_in_chunks_give_the_sums_of_one_forward(monkeypatch):
+    """Past SAVED_BYTES of activations the samples run in chunks (here one at a time, with a
+    limit of one byte): the same estimate as one forward over the batch (the projection and
+    the output RMS are the whole batch's in both), closer to it than float32 rounding alone
+    puts it from the same estimate in float64."""
+    from hfp8.ptq import sensitivity
+
+    model, batches = _fragile_model()
+    qmodel = hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0), quiet=True)
+    names = list(quantized_layers(qmodel))
+    whole = layer_sensitivity(model, qmodel, names, batches, num_batches=2, max_samples=5)
+    calls = _counting_forwards(model)
+    monkeypatch.setattr(sensitivity, "SAVED_BYTES", 1)
+    chunked = layer_sensitivity(model, qmodel, names, batches, num_batches=2, max_samples=5)
+    # per batch: a two-sample probe, 5 one-sample forwards without gradient, 5 with
+    assert calls == ([2] + [1] * 10) * 2
+    monkeypatch.undo()
+    exact = layer_sensitivity(copy.deepcopy(model).double(), copy.deepcopy(qmodel).double(), names,
+                              [batch.double() for batch in batches], num_batches=2, max_samples=5)
+    for name in names:
+        assert abs(chunked[name] - whole[name]) < abs(whole[name] - exact[name]), name
+
+
+def test_a_batch_within_the_limit_runs_in_one_forward():
+    """Within SAVED_BYTES: the two-sample probe, then the whole batch in one forward."""
+    model, batches = _fragile_model()
+    qmodel = hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0), quiet=True)
+    calls = _counting_forwards(model)
+    layer_sensitivity(model, qmodel, list(quantized_layers(qmodel)), batches, max_samples=5)
+    assert calls == [2, 5]
+
+
+def test_outputs_that_are_not_per_sample_keep_one_forward(monkeypatch):
+    """An output summed over the batch (one row whatever the batch): chunks cannot be told
+    apart in it, so the batch runs in one forward even past the limit."""
+    from hfp8.ptq import sensitivity
+
+    class Summed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                                      nn.Linear(6, 3))
+
+        def forward(self, x):
+            return self.body(x).sum(0, keepdim=True)
+    torch.manual_seed(0)
+    model, batches = Summed().eval(), [torch.randn(4, 6) for _ in range(2)]
+    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
+    qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
+    calls = _counting_forwards(model)
+    monkeypatch.setattr(sensitivity, "SAVED_BYTES", 1)
+    layer_sensitivity(model, qmodel, list(quantized_layers(qmodel)), batches, max_samples=4)
+    assert calls == [2, 4]  # the probe (one row, not two), then one forward
