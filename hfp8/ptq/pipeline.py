@@ -46,7 +46,6 @@ import torch
 from torch import nn
 
 from hfp8 import distributed
-from hfp8._allocator import release_free_memory
 from hfp8.calibration.batchnorm import batchnorm_layers
 from hfp8.data.batches import Peeked
 from hfp8.data.model_io import describe, describe_batch, slice_batch, split_batch
@@ -209,7 +208,6 @@ def _quantize(model: nn.Module, calibration, config: QuantConfig, quiet: bool) -
                          f"{type(error).__name__}: {' '.join(lines) or '-'}") from error
     layer_plan, site_plan = plan_quantization(qmodel, config, probe)
     weight_summaries = _quantize_weights(qmodel, layer_plan, config)
-    release_free_memory()  # the rounding's temporaries: ~0.4 GiB kept by glibc at 150M
     attach_planned_sites(qmodel, site_plan, probe, config)
     sensitivity = _refine(qmodel, model, batches, config, quiet, probe)
     observers, bn_report, samples = calibration_pass(qmodel, model, batches, config, quiet)
@@ -254,7 +252,6 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool, probe: Pro
     refuse_non_finite(observers)  # before the moments feed the weights
     if compensate:
         compensate_weights(qmodel, model, moments)
-        release_free_memory()
         # a model whose moments exceed MOMENTS_BYTES: one more (moments only) pass per group,
         # from the last group to the first (see moment_groups); each stops its forward once
         # its layers have seen their inputs, unless one of them runs more than once per
@@ -265,11 +262,7 @@ def _refine(qmodel, model, batches, config: QuantConfig, quiet: bool, probe: Pro
                                        observe=False, stop_early=once, prefix=prefix,
                                        cut=group[0])
             compensate_weights(qmodel, model, moments)
-            release_free_memory()
     if not select:
         return {}
     choose_input_biases(qmodel, observers, config, warn=False)  # provisional, for the estimate
-    sensitivity = keep_sensitive_layers_float(qmodel, model, batches, config, batches.first,
-                                              quiet)
-    release_free_memory()  # the estimate's activations, before the main pass
-    return sensitivity
+    return keep_sensitive_layers_float(qmodel, model, batches, config, batches.first, quiet)
