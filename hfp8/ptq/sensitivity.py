@@ -179,17 +179,21 @@ def _samples_per_forward(reference, quantized, names, batch, samples: int) -> in
         return samples
     weights = {t.untyped_storage().data_ptr() for t in (*reference.parameters(),
                                                         *reference.buffers())}
-    saved = {}
+    saved, kept = {}, []
 
     def pack(tensor):
-        storage = tensor.untyped_storage()  # alive until the graph is freed: pointers are unique
+        storage = tensor.untyped_storage()
         if storage.data_ptr() not in weights:
             saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        kept.append(tensor)  # alive through the forward: storage pointers stay unique
+        # nothing: this forward is never back-propagated, and a graph holding an output it
+        # saves would be a reference cycle through C++ that Python's collector cannot free
+        return None
     rows = []  # rows of dim 0 of each injected output: one per sample in a per-sample model
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda nothing: nothing):
         leaves, _ = _injected_forward(reference, quantized, names, slice_batch(batch, 2), None,
                                       rows)
+    kept.clear()
     if not all(leaf.dim() and leaf.shape[0] == 2 for leaf in leaves.values()) or \
             any(count != 2 for count in rows):
         return samples
