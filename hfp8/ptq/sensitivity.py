@@ -22,6 +22,7 @@ until the predicted output SQNR (independent errors add) reaches a target.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ __all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted
 # What autograd may save for one backward of the estimate (activations after the first
 # injected layer): past it, the batch's samples run in chunks (see _accumulate).
 SAVED_BYTES = 128 << 20
+# Samples of each batch the first forward takes; what autograd saves for them sets the chunks
+# (two, not one: two tell an output with a row per sample from one reduced over the batch).
+FIRST_SAMPLES = 2
 
 
 def _weight_count(module: nn.Module) -> int:
@@ -121,83 +125,120 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     """One batch of :func:`layer_sensitivity`: adds each layer's squared projected error to
     ``totals``; returns the number of output elements it covered.
 
-    Autograd keeps every activation after the first injection for the backward: when that
-    would pass ``SAVED_BYTES`` (measured on one sample), the samples run in chunks, each its
-    own forward and backward, with the projection drawn and the output RMS taken over the whole
-    batch as in one forward (a forward without gradient gives the outputs first). The same
-    sums, up to float rounding, for a model whose samples do not interact."""
+    Autograd keeps every activation after the first injection for the backward. The first
+    ``FIRST_SAMPLES`` run first, and what autograd saves for them is counted; the rest runs in
+    chunks that keep it within ``SAVED_BYTES``, each its own forward and backward, with the projection drawn for the whole batch as one forward draws it and each
+    output scaled by the whole batch's RMS (one output: its squared gradients are divided by
+    it at the end; several: a forward without gradient measures them first). The same sums,
+    up to float rounding, for a model whose samples do not interact; a model whose outputs or
+    layer outputs are not one row per sample runs the whole batch in one forward."""
     generator.manual_seed(seed * 1_000_003 + current_batch())  # the same on any rank
     if max_samples is not None:
         batch = slice_batch(batch, max_samples)
     samples = batch_size(batch)
-    chunk = _samples_per_forward(reference, quantized, names, batch, samples)
-    outputs = _outputs_in_chunks(reference, batch, samples, chunk) if chunk < samples else None
-    if outputs is None:  # one forward and one backward
+    first = min(FIRST_SAMPLES, samples)
+    rows = []  # rows of dim 0 of each injected output: one per sample in a per-sample model
+    with _SavedTensors(reference) as probe:
+        leaves, scales = _injected_forward(reference, quantized, names,
+                                           slice_batch(batch, first), bar, rows)
+    per_sample = all(leaf.dim() and leaf.shape[0] == first for leaf in leaves.values()) and \
+        all(count == first for count in rows)
+    if first < samples and not per_sample:  # the whole batch in one forward
+        probe.release()
+        del leaves, scales
+        bar.reset(total=len(names))
         leaves, scales = _injected_forward(reference, quantized, names, batch, bar)
+    if first == samples or not per_sample:
         rms = {path: _rms(leaf.detach()) for path, leaf in leaves.items()}
         noises = {path: _noise(leaf.shape, generator, leaf.device) for path, leaf in leaves.items()}
         _add_gradients(leaves, scales, rms, noises, names, totals, bar)
-        return _elements(leaves.values())
-    rms, noises = {}, {}
-    for start in range(0, samples, chunk):
+        probe.release()
+        return _elements([leaf.shape for leaf in leaves.values()])
+    chunk = max(1, SAVED_BYTES * first // max(probe.bytes, 1))
+    noises = {path: _noise((samples, *leaf.shape[1:]), generator, leaf.device)
+              for path, leaf in leaves.items()}
+    # one output: project unscaled and divide by its mean square at the end
+    squares = {path: 0.0 for path in leaves}
+    rms = {path: torch.ones((), device=leaf.device) for path, leaf in leaves.items()} \
+        if len(leaves) <= 1 else _rms_in_chunks(reference, batch, samples, chunk, leaves)
+    unscaled = {name: 0.0 for name in names}
+    start = 0
+    while True:
+        for path, leaf in leaves.items():
+            squares[path] += float(leaf.detach().double().square().sum())
+        _add_gradients(leaves, scales, rms, {path: noises[path][start:start + len(leaf)]
+                                              for path, leaf in leaves.items()},
+                       names, unscaled, bar)
+        probe.release()
+        start += first if start == 0 else chunk
+        if start >= samples:
+            break
         bar.reset(total=len(names))
         bar.set_postfix_str(f"batch {current_batch() + 1}, samples {start + 1}-"
                             f"{min(start + chunk, samples)} of {samples}")
         leaves, scales = _injected_forward(reference, quantized, names,
                                            slice_batch(batch, chunk, start), bar)
-        if not noises:  # drawn as one forward would: the leaves that depend on a layer, in order
-            rms = {path: _rms(outputs[path]) for path in leaves}
-            noises = {path: _noise(outputs[path].shape, generator, outputs[path].device)
-                      for path in leaves}
-        _add_gradients(leaves, scales, rms, {path: noises[path][start:start + chunk]
-                                              for path in leaves}, names, totals, bar)
-    return _elements(outputs[path] for path in noises)
+    if len(noises) == 1:  # (g / rms)^2 = g^2 / rms^2
+        (path, noise), = noises.items()
+        rms_squared = float(_rms_of_mean_square(squares[path] / max(noise.numel(), 1))) ** 2
+        unscaled = {name: value / rms_squared for name, value in unscaled.items()}
+    for name, value in unscaled.items():
+        totals[name] += value
+    return _elements([noise.shape for noise in noises.values()])
 
 
-def _outputs_in_chunks(reference, batch, samples: int, chunk: int) -> dict | None:
-    """The reference's float outputs on the whole batch, run ``chunk`` samples at a time
-    without gradient (for their RMS and the projection's shapes); None if an output does not
-    hold one row per sample."""
-    parts = []
+class _SavedTensors:
+    """Within: counts the bytes of the storages autograd saves for backward, the weights not
+    counted. The tensors are held here and the graph keeps weak references to them: a graph
+    holding an output it saves through a hook would be a reference cycle through C++ that
+    Python's collector cannot free, should the graph never be back-propagated.
+    :meth:`release` drops them."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        self._weights = {t.untyped_storage().data_ptr()
+                         for t in (*reference.parameters(), *reference.buffers())}
+        self._storages: dict[int, int] = {}
+        self._kept: list[torch.Tensor] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()  # held below: pointers stay unique
+        if storage.data_ptr() not in self._weights:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        self._kept.append(tensor)
+        return weakref.ref(tensor)
+
+    @staticmethod
+    def _unpack(reference):
+        return reference()
+
+    def release(self) -> None:
+        self._kept.clear()
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _rms_in_chunks(reference, batch, samples: int, chunk: int, leaves: dict) -> dict:
+    """The whole batch's RMS of each output in ``leaves``, run ``chunk`` samples at a time
+    without gradient."""
+    squares, counts = dict.fromkeys(leaves, 0.0), dict.fromkeys(leaves, 0)
     with torch.no_grad():
         for start in range(0, samples, chunk):
-            part = slice_batch(batch, chunk, start)
-            floats = {path: t for path, t in output_leaves(call_model(reference, part))
-                      if t.is_floating_point()}
-            if not all(t.dim() and t.shape[0] == batch_size(part) for t in floats.values()):
-                return None
-            parts.append(floats)
-    return {path: torch.cat([part[path] for part in parts]) for path in parts[0]}
-
-
-def _samples_per_forward(reference, quantized, names, batch, samples: int) -> int:
-    """How many samples one injected forward may take so that what autograd saves for its
-    backward stays within ``SAVED_BYTES`` (measured on two samples, the weights not counted):
-    all of them unless every output and every layer's output holds one row per sample (two
-    samples tell a per-sample output from one reduced over the batch)."""
-    if samples <= 1:
-        return samples
-    weights = {t.untyped_storage().data_ptr() for t in (*reference.parameters(),
-                                                        *reference.buffers())}
-    saved, kept = {}, []
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        kept.append(tensor)  # alive through the forward: storage pointers stay unique
-        # nothing: this forward is never back-propagated, and a graph holding an output it
-        # saves would be a reference cycle through C++ that Python's collector cannot free
-        return None
-    rows = []  # rows of dim 0 of each injected output: one per sample in a per-sample model
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda nothing: nothing):
-        leaves, _ = _injected_forward(reference, quantized, names, slice_batch(batch, 2), None,
-                                      rows)
-    kept.clear()
-    if not all(leaf.dim() and leaf.shape[0] == 2 for leaf in leaves.values()) or \
-            any(count != 2 for count in rows):
-        return samples
-    return max(1, min(samples, 2 * SAVED_BYTES // max(sum(saved.values()), 1)))
+            outputs = dict(output_leaves(call_model(reference, slice_batch(batch, chunk, start))))
+            for path in leaves:
+                squares[path] += float(outputs[path].double().square().sum())
+                counts[path] += outputs[path].numel()
+    return {path: _rms_of_mean_square(squares[path] / max(counts[path], 1)).to(leaf.device)
+            for path, leaf in leaves.items()}
 
 
 def _injected_forward(reference, quantized, names, batch, bar, rows_seen: list | None = None):
@@ -217,7 +258,8 @@ def _injected_forward(reference, quantized, names, batch, bar, rows_seen: list |
                 noises = [q - leaves[i] for i, q in
                           zip(floats, _float_leaves(quantized[name](*args)))]
             rows = [leaves[i].shape[0] if leaves[i].dim() else 1 for i in floats]
-            scale = torch.zeros(sum(rows), device=noises[0].device, requires_grad=True)
+            scale = torch.zeros(sum(rows), dtype=noises[0].dtype, device=noises[0].device,
+                                requires_grad=True)  # a float64 model: float64 gradients
             scales[name] = scale
             if rows_seen is not None:
                 rows_seen.extend(rows)
@@ -243,6 +285,11 @@ def _rms(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.double().square().mean().sqrt().clamp_min(1e-30).float()
 
 
+def _rms_of_mean_square(mean_square: float) -> torch.Tensor:
+    """:func:`_rms` of a leaf whose mean square (float64) is ``mean_square``."""
+    return torch.tensor(mean_square, dtype=torch.float64).sqrt().clamp_min(1e-30).float()
+
+
 def _noise(shape, generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator).to(device)
 
@@ -265,11 +312,11 @@ def _add_gradients(leaves, scales, rms, noises, names, totals, bar) -> None:
             totals[name] += float(gradient.double().square().sum())
 
 
-def _elements(leaves) -> int:
-    """Output elements of the whole batch: per sample, times the samples."""
-    leaves = list(leaves)
-    return sum(leaf[0].numel() if leaf.dim() else 1 for leaf in leaves) * (
-        leaves[0].shape[0] if leaves and leaves[0].dim() else 1)
+def _elements(shapes) -> int:
+    """Output elements of the whole batch (shapes of its outputs): per sample, times the
+    samples."""
+    return sum(math.prod(shape[1:]) if len(shape) else 1 for shape in shapes) * (
+        shapes[0][0] if shapes and len(shapes[0]) else 1)
 
 
 def predicted_sqnr_db(ratio: float) -> float:
