@@ -126,12 +126,13 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     ``totals``; returns the number of output elements it covered.
 
     Autograd keeps every activation after the first injection for the backward. The first
-    ``FIRST_SAMPLES`` run first, and what autograd saves for them is counted; the rest runs in
-    chunks that keep it within ``SAVED_BYTES``, each its own forward and backward, with the projection drawn for the whole batch as one forward draws it and each
-    output scaled by the whole batch's RMS (one output: its squared gradients are divided by
-    it at the end; several: a forward without gradient measures them first). The same sums,
-    up to float rounding, for a model whose samples do not interact; a model whose outputs or
-    layer outputs are not one row per sample runs the whole batch in one forward."""
+    ``FIRST_SAMPLES`` run first, and what autograd saves for them is counted; the rest run in
+    chunks that keep it within ``SAVED_BYTES``, each its own forward and backward, with the
+    projection drawn for the whole batch as one forward draws it and each output scaled by the
+    whole batch's RMS (one output: its squared gradients are divided by it at the end;
+    several: a forward without gradient measures them first). The same sums, up to float
+    rounding, for a model whose samples do not interact; a model whose outputs or layer
+    outputs are not one row per sample runs the whole batch in one forward."""
     generator.manual_seed(seed * 1_000_003 + current_batch())  # the same on any rank
     if max_samples is not None:
         batch = slice_batch(batch, max_samples)
