@@ -22,7 +22,6 @@ until the predicted output SQNR (independent errors add) reaches a target.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -40,6 +39,7 @@ from hfp8.data.model_io import (
 )
 from hfp8.numerics.sqnr import sqnr_db
 from hfp8.ptq.recurrent import is_recurrent, weight_names
+from hfp8.ptq.saved_tensors import SavedTensors
 
 __all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db",
            "SAVED_BYTES"]
@@ -139,7 +139,7 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     samples = batch_size(batch)
     first = min(FIRST_SAMPLES, samples)
     rows = []  # rows of dim 0 of each injected output: one per sample in a per-sample model
-    with _SavedTensors(reference) as probe:
+    with SavedTensors(reference) as probe:
         leaves, scales = _injected_forward(reference, quantized, names,
                                            slice_batch(batch, first), bar, rows)
     per_sample = all(leaf.dim() and leaf.shape[0] == first for leaf in leaves.values()) and \
@@ -186,46 +186,6 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     for name, value in unscaled.items():
         totals[name] += value
     return _elements([noise.shape for noise in noises.values()])
-
-
-class _SavedTensors:
-    """Within: counts the bytes of the storages autograd saves for backward, the weights not
-    counted. The tensors are held here and the graph keeps weak references to them: a graph
-    holding an output it saves through a hook would be a reference cycle through C++ that
-    Python's collector cannot free, should the graph never be back-propagated.
-    :meth:`release` drops them."""
-
-    def __init__(self, reference: nn.Module) -> None:
-        self._weights = {t.untyped_storage().data_ptr()
-                         for t in (*reference.parameters(), *reference.buffers())}
-        self._storages: dict[int, int] = {}
-        self._kept: list[torch.Tensor] = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self._storages.values())
-
-    def _pack(self, tensor):
-        storage = tensor.untyped_storage()  # held below: pointers stay unique
-        if storage.data_ptr() not in self._weights:
-            self._storages[storage.data_ptr()] = storage.nbytes()
-        self._kept.append(tensor)
-        return weakref.ref(tensor)
-
-    @staticmethod
-    def _unpack(reference):
-        return reference()
-
-    def release(self) -> None:
-        self._kept.clear()
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
 
 
 def _rms_in_chunks(reference, batch, samples: int, chunk: int, leaves: dict) -> dict:
