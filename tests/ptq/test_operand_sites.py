@@ -29,7 +29,7 @@ def _interrupt(module, args):
 
 
 def _entry_points(tmp_path):
-    """name -> (callable(qmodel, float model, batches), needs an exported file)."""
+    """(name -> callable(qmodel, float model, batches), the file verify_onnx reads)."""
     path = tmp_path / "attending.onnx"
     return {
         "compare_outputs": lambda q, f, b: hfp8.compare_outputs(f, q, b),
