@@ -17,9 +17,9 @@ __all__ = ["SavedTensors"]
 
 class SavedTensors:
     """Within: counts the bytes of the storages autograd saves for backward (``model``'s
-    weights not counted). The tensors are held here and the graph keeps weak references to them: a graph
-    holding an output it saves through a hook would be a reference cycle through C++ that
-    Python's collector cannot free, should the graph never be back-propagated.
+    weights not counted). The tensors are held here and the graph keeps weak references to
+    them: a graph holding an output it saves through a hook would be a reference cycle through
+    C++ that Python's collector cannot free, should the graph never be back-propagated.
     :meth:`release` drops them."""
 
     def __init__(self, model: nn.Module) -> None:

@@ -159,13 +159,14 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     noises = {path: _noise((samples, *leaf.shape[1:]), generator, leaf.device)
               for path, leaf in leaves.items()}
     # one output: project unscaled and divide by its mean square at the end
+    after_the_fact = len(leaves) <= 1
     squares = {path: 0.0 for path in leaves}
     rms = {path: torch.ones((), device=leaf.device) for path, leaf in leaves.items()} \
-        if len(leaves) <= 1 else _rms_in_chunks(reference, batch, samples, chunk, leaves)
+        if after_the_fact else _rms_in_chunks(reference, batch, samples, chunk, leaves)
     unscaled = {name: 0.0 for name in names}
     start = 0
     while True:
-        for path, leaf in leaves.items():
+        for path, leaf in leaves.items() if after_the_fact else ():
             squares[path] += float(leaf.detach().double().square().sum())
         _add_gradients(leaves, scales, rms, {path: noises[path][start:start + len(leaf)]
                                               for path, leaf in leaves.items()},
@@ -179,7 +180,7 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
                             f"{min(start + chunk, samples)} of {samples}")
         leaves, scales = _injected_forward(reference, quantized, names,
                                            slice_batch(batch, chunk, start), bar)
-    if len(noises) == 1:  # (g / rms)^2 = g^2 / rms^2
+    if after_the_fact and noises:  # (g / rms)^2 = g^2 / rms^2
         (path, noise), = noises.items()
         rms_squared = float(_rms_of_mean_square(squares[path] / max(noise.numel(), 1))) ** 2
         unscaled = {name: value / rms_squared for name, value in unscaled.items()}
@@ -243,7 +244,7 @@ def _injected_forward(reference, quantized, names, batch, bar, rows_seen: list |
 
 
 def _rms(leaf: torch.Tensor) -> torch.Tensor:
-    return leaf.double().square().mean().sqrt().clamp_min(1e-30).float()
+    return _rms_of_mean_square(float(leaf.double().square().mean()))
 
 
 def _rms_of_mean_square(mean_square: float) -> torch.Tensor:
