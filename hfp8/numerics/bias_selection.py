@@ -70,6 +70,27 @@ def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return values.movedim(axis, 0).reshape(values.shape[axis], -1)
 
 
+def _row_ranges(rows: torch.Tensor, chunk: int):
+    """Ranges of whole rows of ``rows`` of about ``chunk`` elements (one row where a row is
+    longer)."""
+    count, width = rows.shape
+    step = max(1, chunk // max(width, 1))
+    return (range(first, min(first + step, count)) for first in range(0, count, step))
+
+
+def _finite_amax(rows: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """``max |x|`` over the finite entries of each row (0 where none), block by block: the
+    temporaries are one block's, however large the tensor."""
+    amax = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    for mine in _row_ranges(rows, chunk):
+        for column in range(0, rows.shape[1], chunk):
+            block = rows[mine.start:mine.stop, column:column + chunk]
+            magnitude = block.abs().nan_to_num_(nan=0.0, posinf=0.0)  # Inf and NaN count as 0
+            torch.maximum(amax[mine.start:mine.stop], magnitude.amax(dim=1),
+                          out=amax[mine.start:mine.stop])
+    return amax
+
+
 def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Tensor,
                      chunk: int = 1 << 20) -> torch.Tensor:
     """``errors[r, c] = sum((fq(x; b) - x)^2)`` over the finite entries ``x`` of row ``r`` of
@@ -91,6 +112,17 @@ def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Ten
     in float64, in an order of their own: equal to per-candidate rounding's up to float64
     rounding."""
     candidates = candidates.to("cpu", torch.int64)
+    result = torch.zeros(rows.shape[0], candidates.shape[1], dtype=torch.float64)
+    for mine in _row_ranges(rows, chunk):  # all work space is one range of rows' (issue 23)
+        result[mine.start:mine.stop] = _errors_of_rows(
+            rows[mine.start:mine.stop], fmt, candidates[mine.start:mine.stop], chunk)
+    return result
+
+
+def _errors_of_rows(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Tensor,
+                    chunk: int) -> torch.Tensor:
+    """:func:`candidate_errors` of a few rows (CPU int64 ``candidates``), their columns in
+    pieces of ``chunk``."""
     count, width = rows.shape
     mantissa, slots = fmt.mantissa_bits, 1 << fmt.mantissa_bits
     top_field, top_slot = fmt.largest_finite_fields()
@@ -98,36 +130,34 @@ def candidate_errors(rows: torch.Tensor, fmt: FloatFormat, candidates: torch.Ten
     floor_binade = 1 - candidates[:, 0]  # the binade of smallest_normal(b0), per row
     tables = torch.zeros(4, count * bins + 1, dtype=torch.float64)  # last bin: not normal
     small_values, small_rows = [], []
-    step_rows = max(1, chunk // max(width, 1))
-    for first in range(0, count, step_rows):
-        for column in range(0, width, chunk):
-            block = rows[first:first + step_rows, column:column + chunk]
-            local = floor_binade[first:first + block.shape[0]].to(block.device)[:, None]
-            absolute = block.abs()
-            floor = torch.exp2(local.to(block.dtype))
-            fraction, exponent = torch.frexp(absolute)  # |x| = fraction 2^exponent, [0.5, 1)
-            normal = (absolute >= floor) & torch.isfinite(absolute)
-            small = (absolute > 0) & (absolute < floor)
-            if bool(small.any()):
-                which = small.nonzero()
-                small_values.append(absolute[small].cpu().to(torch.float64))
-                small_rows.append(which[:, 0].cpu() + first)
-            # t = |x| 2^(m - binade) in [2^m, 2^(m+1)): its integer part is the slot (plus 2^m),
-            # its fraction u the offset in the slot and round(t) - t the within-binade error,
-            # both in units of 2^(binade - m), the same for every value of a bin: scaled after
-            # the sums (exact in float: t has the input's precision)
-            scaled = fraction * (2 * slots)
-            whole = scaled.floor()
-            slot = whole.to(torch.int64) - slots
-            binade = (exponent.to(torch.int64) - 1 - local).clamp(0, top_field - 1)
-            owner = torch.arange(first, first + block.shape[0], device=block.device)[:, None]
-            index = torch.where(normal, (owner * top_field + binade) * slots + slot,
-                                count * bins).reshape(-1)
-            offset = (scaled - whole).reshape(-1).to(torch.float64)
-            error = (torch.round(scaled) - scaled).reshape(-1).to(torch.float64)
-            for table, weights in zip(tables, (None, offset, offset.square(), error.square())):
-                table += torch.bincount(index, weights, minlength=count * bins + 1).to(
-                    "cpu", torch.float64)
+    local = floor_binade.to(rows.device)[:, None]
+    owner = torch.arange(count, device=rows.device)[:, None]
+    for column in range(0, width, chunk):
+        block = rows[:, column:column + chunk]
+        absolute = block.abs()
+        floor = torch.exp2(local.to(block.dtype))
+        fraction, exponent = torch.frexp(absolute)  # |x| = fraction 2^exponent, [0.5, 1)
+        normal = (absolute >= floor) & torch.isfinite(absolute)
+        small = (absolute > 0) & (absolute < floor)
+        if bool(small.any()):
+            which = small.nonzero()
+            small_values.append(absolute[small].cpu().to(torch.float64))
+            small_rows.append(which[:, 0].cpu())
+        # t = |x| 2^(m - binade) in [2^m, 2^(m+1)): its integer part is the slot (plus 2^m),
+        # its fraction u the offset in the slot and round(t) - t the within-binade error,
+        # both in units of 2^(binade - m), the same for every value of a bin: scaled after
+        # the sums (exact in float: t has the input's precision)
+        scaled = fraction * (2 * slots)
+        whole = scaled.floor()
+        slot = whole.to(torch.int64) - slots
+        binade = (exponent.to(torch.int64) - 1 - local).clamp(0, top_field - 1)
+        index = torch.where(normal, (owner * top_field + binade) * slots + slot,
+                            count * bins).reshape(-1)
+        offset = (scaled - whole).reshape(-1).to(torch.float64)
+        error = (torch.round(scaled) - scaled).reshape(-1).to(torch.float64)
+        for table, weights in zip(tables, (None, offset, offset.square(), error.square())):
+            table += torch.bincount(index, weights, minlength=count * bins + 1).to(
+                "cpu", torch.float64)
     unit = torch.exp2((floor_binade[:, None] + torch.arange(top_field)[None, :] - mantissa)
                       .to(torch.float64))[..., None]  # 2^(binade - m) per row and binade
     unit = unit.expand(count, top_field, slots).reshape(-1)
@@ -176,9 +206,7 @@ def select_exponent_bias(
     if method == "fixed":
         fixed = torch.full((rows.shape[0],), fmt.exponent_bias, dtype=torch.int64)
         return fmt.exponent_bias if axis is None else fixed
-    finite = torch.isfinite(rows)
-    amax = torch.where(finite, rows.abs(), torch.zeros_like(rows)).amax(dim=1) \
-        if rows.shape[1] else torch.zeros(rows.shape[0])
+    amax = _finite_amax(rows)
     best = max_bias_for_amax(amax, fmt)
     if method == "mse" and rows.shape[1]:
         _, high = valid_bias_range(fmt)

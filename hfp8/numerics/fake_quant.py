@@ -133,11 +133,25 @@ def _overflow_to_specials(x, result, fmt: FloatFormat, step_at_top) -> torch.Ten
 
 
 def _round(source, mantissa_bits, min_normal, max_finite, rounding, generator) -> torch.Tensor:
-    """Rounds a contiguous tensor in the compute dtype. Scalar parameters: block by block;
-    per-channel (tensor) parameters broadcast over the whole tensor at once."""
+    """Rounds a contiguous tensor in the compute dtype, block by block (the work space is one
+    block's): scalar parameters in blocks of ``_BLOCK`` values, parameters per slice of dim 0
+    in blocks of whole slices; other per-channel (tensor) parameters broadcast over the whole
+    tensor at once."""
     if rounding == "stochastic":
         return _round_stochastic(source, mantissa_bits, min_normal, max_finite, generator)
     result = torch.empty_like(source)
+    if torch.is_tensor(max_finite) and max_finite.numel() == len(max_finite) == len(source) \
+            and source.numel() > _BLOCK:  # bounds per slice of dim 0: blocks of whole slices
+        rows = max(1, _BLOCK // max(source[0].numel(), 1))
+        scratch = torch.empty((min(rows, len(source)), *source.shape[1:]), dtype=source.dtype,
+                              device=source.device)
+        sums = torch.empty_like(scratch)
+        for start in range(0, len(source), rows):
+            size = min(rows, len(source) - start)
+            mine = slice(start, start + size)
+            _round_nearest(source[mine], result[mine], scratch[:size], sums[:size],
+                           mantissa_bits, min_normal[mine], max_finite[mine])
+        return result
     if torch.is_tensor(max_finite) or source.numel() <= _BLOCK:  # one block: no slicing
         _round_nearest(source, result, torch.empty_like(source), torch.empty_like(source),
                        mantissa_bits, min_normal, max_finite)

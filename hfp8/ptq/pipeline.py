@@ -92,6 +92,8 @@ MOMENTS_BYTES = 256 << 20
 # The most the outputs recorded for those passes to replay may hold (the 150M decoder's: 48 MiB;
 # a CNN's early maps at a large batch could hold more than the moments the groups save).
 REPLAY_BYTES = 256 << 20
+# Elements per block of the weight-rounding summary's float64 sums (2 MiB per temporary).
+SUMS_BLOCK = 1 << 18
 
 
 def _weight_bias(weight: torch.Tensor, config: QuantConfig):
@@ -101,19 +103,29 @@ def _weight_bias(weight: torch.Tensor, config: QuantConfig):
 
 
 def _rounding_sums(original: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
-    """(non-zero values, of them flushed to zero, sum w^2, sum (w - fq(w))^2) of one weight
-    matrix, float64."""
-    original, rounded = original.double(), rounded.double()
-    nonzero = original != 0
-    return torch.stack([nonzero.sum().double(), (nonzero & (rounded == 0)).sum().double(),
-                        original.square().sum(), (original - rounded).square().sum()])
+    """(non-finite values, non-zero values, of them flushed to zero, sum w^2,
+    sum (w - fq(w))^2) of one weight matrix, float64, summed block by block: the temporaries
+    are one block's, so rounding a large matrix does not grow the process's heap (glibc keeps
+    what a step grew it by)."""
+    sums = torch.zeros(5, dtype=torch.float64, device=original.device)
+    # (.double() of a float64 block is the block itself: nothing below writes in place)
+    flat_original, flat_rounded = original.reshape(-1), rounded.reshape(-1)
+    for start in range(0, flat_original.numel(), SUMS_BLOCK):
+        block = flat_original[start:start + SUMS_BLOCK].double()
+        rounded_block = flat_rounded[start:start + SUMS_BLOCK].double()
+        nonzero = block != 0
+        flushed = nonzero & (rounded_block == 0)
+        sums += torch.stack([(~torch.isfinite(block)).sum().double(), nonzero.sum().double(),
+                             flushed.sum().double(), block.square().sum(),
+                             (rounded_block - block).square().sum()])
+    return sums.cpu()
 
 
 def _weight_summary(sums: torch.Tensor) -> dict:
     """What rounding did to a layer's weights, from their :func:`_rounding_sums` added up: the
     fraction of non-zero values flushed to zero and the SQNR
     ``10 log10(sum w^2 / sum (w - fq(w))^2)`` in dB (+inf when exact)."""
-    nonzero, flushed, signal, error = (float(v) for v in sums)
+    _, nonzero, flushed, signal, error = (float(v) for v in sums)
     return {"flushed_fraction": flushed / max(nonzero, 1.0), "sqnr_db": sqnr_db(signal, error)}
 
 
@@ -131,19 +143,20 @@ def _quantize_weights(qmodel: nn.Module, layer_plan: dict, config: QuantConfig) 
                              per_channel)
         if config.weight_format is None:
             continue
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64)
         for weight_name in state.weights:
-            weight = layer.get_parameter(weight_name)
-            if not torch.isfinite(weight).all():
+            weight = layer.get_parameter(weight_name).detach()
+            bias = _weight_bias(weight, config)
+            rounded = quantize_weight(weight, config.weight_format, bias)
+            weight_sums = _rounding_sums(weight, rounded)
+            if weight_sums[0]:
                 raise ValueError(f"layer {name!r} has NaN or Inf weights ({weight_name}); "
                                  "refusing to quantize")
-            bias = _weight_bias(weight.detach(), config)
-            original = weight.detach().clone()
             with torch.no_grad():
-                weight.copy_(quantize_weight(original, config.weight_format, bias))
+                weight.copy_(rounded)
                 getattr(layer, weight_bias_buffer(weight_name)).copy_(torch.as_tensor(bias))
-            sums += _rounding_sums(original, weight.detach()).cpu()
-            del original
+            del rounded
+            sums += weight_sums
         summaries[name] = _weight_summary(sums)
     return summaries
 

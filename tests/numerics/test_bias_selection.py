@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import hfp8
 from hfp8 import FloatFormat
+from hfp8.numerics import bias_selection
 from hfp8.numerics.bias_selection import candidate_errors, max_bias_for_amax, valid_bias_range
 from tests.reference import ml_dtypes_round
 
@@ -86,6 +87,23 @@ def test_non_finite_values_are_ignored():
     for method in ("max", "mse"):
         assert hfp8.select_exponent_bias(polluted, hfp8.E4M3, method) == \
             hfp8.select_exponent_bias(x, hfp8.E4M3, method)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_largest_finite_magnitude_is_found_in_blocks_past_the_chunk(axis):
+    """The ``max`` bias reads ``max |x|`` over finite values block by block; an Inf, a NaN and
+    the largest value in other blocks than the first, and rows longer than a block."""
+    x = torch.randn(5, 3000)
+    x[0, 2500], x[1, 10], x[3, 1500] = math.inf, math.nan, -math.inf
+    x[2, 2999], x[4, 0] = -700.0, 0.03
+    finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros(()))
+    amax = finite.amax() if axis is None else finite.amax(dim=1)
+    expected = bias_selection.max_bias_for_amax(amax.reshape(-1), hfp8.E4M3)
+    original = bias_selection._finite_amax
+    with pytest.MonkeyPatch.context() as patch:  # rows of 3 blocks
+        patch.setattr(bias_selection, "_finite_amax", lambda rows: original(rows, chunk=1024))
+        ours = hfp8.select_exponent_bias(x, hfp8.E4M3, "max", axis=axis)
+    assert torch.equal(torch.as_tensor(ours).reshape(-1), expected)
 
 
 def test_bias_is_clamped_to_the_float32_range():

@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 
 import hfp8
 from hfp8 import FloatFormat
+from hfp8.numerics import fake_quant
 from tests.reference import (
     dense_sweep,
     midpoints,
     ml_dtypes_round,
+    ml_dtypes_round_saturating,
     nearest_even_reference,
     scalar_code_value,
     torch_float8_round,
@@ -234,6 +236,21 @@ def test_per_channel_equals_per_slice():
     assert torch.equal(along_last, ours.transpose(0, 2))
     with pytest.raises(ValueError, match="one exponent bias per slice"):
         hfp8.fake_quantize_per_channel(w, hfp8.E4M3, biases[:3], axis=0)
+
+
+def test_per_channel_rounding_of_a_tensor_past_one_block_runs_in_blocks_of_whole_slices(
+        monkeypatch):
+    """Bounds per slice of dim 0 on a tensor larger than one block: the slices are rounded a
+    few at a time (the last block shorter), each onto its own bias, against ml_dtypes."""
+    monkeypatch.setattr(fake_quant, "_BLOCK", 40)  # 3 slices of 12 per block; 7 slices
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((7, 3, 4)) * np.logspace(-4, 2, 7)[:, None, None]).astype(np.float32)
+    w[2, 0, 0], w[5, 1, 1] = 1e6, -1e6  # saturate at their slice's max
+    biases = torch.tensor([3, 20, 9, -1, 14, 7, 11])
+    ours = hfp8.fake_quantize_per_channel(torch.from_numpy(w), hfp8.E4M3, biases, axis=0).numpy()
+    for i, b in enumerate(biases.tolist()):
+        _assert_bitwise_equal(torch.from_numpy(ours[i]),
+                              ml_dtypes_round_saturating(w[i], hfp8.E4M3.with_bias(b)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

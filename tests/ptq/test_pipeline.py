@@ -255,3 +255,54 @@ def test_bn_shift_stride_measures_the_shift_on_every_kth_batch_and_is_validated(
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="bn_shift_stride must be a positive int"):
             hfp8.QuantConfig(bn_shift_stride=bad)
+
+
+WEIGHT_STEP_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch, hfp8
+    from torch import nn
+    from hfp8.ptq import pipeline
+    model = nn.Sequential(nn.Linear(4096, 16384, bias=False))  # 256 MiB, initialized in place
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pipeline._quantize_weights(model, {"0": None}, hfp8.QuantConfig(weight_granularity=sys.argv[1]))
+    print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before,
+                      model[0].weight.numel() * 4 // 1024]))
+""")
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_rounding_a_large_weight_to_nearest_holds_one_rounded_copy_not_many(granularity):
+    """The step that rounds every weight to nearest needs the rounded copy of one matrix and
+    work space in blocks (bias choice, rounding, summary sums), not whole-matrix temporaries:
+    whole-matrix float64 copies, masks and squares had the peak grow by 10x the matrix
+    (2,630 MiB for this 256 MiB one); measured now: 400-520 MiB, about one copy plus the
+    blocks' work space and what the first rounding in a process sets up."""
+    out = subprocess.run([sys.executable, "-c", WEIGHT_STEP_SCRIPT, granularity], check=True,
+                         capture_output=True, text=True)
+    growth_kib, matrix_kib = json.loads(out.stdout.strip().splitlines()[-1])
+    assert growth_kib < 2 * matrix_kib + 256 * 1024, (growth_kib, matrix_kib)
+
+
+def test_weight_rounding_summary_sums_in_blocks_equal_the_sums_by_definition(monkeypatch):
+    """The per-layer summary (flushed fraction, weight SQNR) sums block by block; against
+    float64 sums over the whole matrix, with blocks that split rows and a short last one."""
+    from hfp8.ptq import pipeline
+
+    monkeypatch.setattr(pipeline, "SUMS_BLOCK", 7)
+    torch.manual_seed(3)
+    original = torch.randn(5, 9) * torch.logspace(-5, 0, 9)
+    original[1, 2] = original[4, 8] = 0.0
+    rounded = hfp8.fake_quantize(original, hfp8.E4M3.with_bias(9))  # flushes the smallest
+    sums = pipeline._rounding_sums(original, rounded)
+    o, r = original.double(), rounded.double()
+    expected = torch.stack([torch.zeros((), dtype=torch.float64), (o != 0).sum().double(),
+                            ((o != 0) & (r == 0)).sum().double(), (o * o).sum(),
+                            ((o - r) ** 2).sum()])
+    assert 0 < float(expected[2]) < float(expected[1])  # some flushed, not all
+    torch.testing.assert_close(sums, expected, rtol=1e-14, atol=0.0)
+    polluted = original.clone()
+    polluted[3, 3], polluted[0, 8] = float("nan"), float("-inf")
+    assert pipeline._rounding_sums(polluted, rounded)[0] == 2
+    # a float64 matrix: its blocks are views, and the summary leaves them as they were
+    before = rounded.double()
+    pipeline._rounding_sums(original.double(), before)
+    assert torch.equal(before, rounded.double())
