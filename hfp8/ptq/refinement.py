@@ -19,12 +19,8 @@ from hfp8.ptq.quantizers import (
     weight_bias_buffer,
 )
 from hfp8.ptq.recurrent import input_weight_names
-from hfp8.ptq.sensitivity import (
-    choose_float_layers,
-    layer_costs,
-    layer_sensitivity,
-    predicted_sqnr_db,
-)
+from hfp8.ptq.float_budget import choose_float_layers, layer_costs, predicted_sqnr_db
+from hfp8.ptq.sensitivity import layer_sensitivity
 from hfp8.ptq.weight_rounding import rounded_runs
 
 __all__ = ["compensate_weights", "keep_sensitive_layers_float", "SENSITIVITY_SAMPLES"]

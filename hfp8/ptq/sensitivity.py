@@ -13,10 +13,7 @@ noise-to-signal ratio of "only this layer quantized"; ``-10 log10`` of it is the
 SQNR in dB. ``benchmarks/sensitivity_ranking.py`` measures how well it ranks layers against
 quantizing each layer alone.
 
-**Selection.** :func:`choose_float_layers` keeps the layers with the most predicted error per
-unit of cost (weights or multiply-accumulates) in float, most harmful first, while the total
-cost stays within the budget (a fraction of all quantized layers' cost; never exceeded), or
-until the predicted output SQNR (independent errors add) reaches a target.
+Which layers then stay float: :mod:`hfp8.ptq.float_budget`.
 """
 
 from __future__ import annotations
@@ -37,50 +34,17 @@ from hfp8.data.model_io import (
     slice_batch,
     weight_sharing_copy,
 )
-from hfp8.numerics.sqnr import sqnr_db
-from hfp8.ptq.recurrent import is_recurrent, weight_names
 from hfp8.ptq.saved_tensors import SavedTensors
 
-__all__ = ["layer_sensitivity", "choose_float_layers", "layer_costs", "predicted_sqnr_db",
-           "SAVED_BYTES"]
+__all__ = ["layer_sensitivity", "SAVED_BYTES"]
 
 # What autograd may save for one backward of the estimate (activations after the first
 # injected layer): past it, the batch's samples run in chunks (see _accumulate).
 SAVED_BYTES = 128 << 20
 # Samples of each batch the first forward takes; what autograd saves for them sets the chunks
-# (two, not one: two tell an output with a row per sample from one reduced over the batch).
-FIRST_SAMPLES = 2
-
-
-def _weight_count(module: nn.Module) -> int:
-    return sum(module.get_parameter(name).numel() for name in weight_names(module))
-
-
-def layer_costs(model: nn.Module, names: list[str], batch, unit: str) -> dict[str, float]:
-    """Cost of each layer: its weight count, or its multiply-accumulates on one sample (a
-    recurrent layer: its weights once per step of the first output, per sequence)."""
-    if unit == "weights":
-        return {name: float(_weight_count(model.get_submodule(name))) for name in names}
-    macs = {}
-    samples = max(batch_size(batch), 1)
-
-    def count(name):
-        def hook(module, args, output):
-            if is_recurrent(module):
-                first = _float_leaves(output)[0]  # (steps, batch, features) or packed (rows, features)
-                per_sample = _weight_count(module) * first[..., 0].numel() / samples
-            else:  # in/groups x kernel products per output value, on the first sample
-                per_sample = module.weight[0].numel() * output[0].numel()
-            macs[name] = macs.get(name, 0.0) + per_sample
-        return hook
-    handles = [model.get_submodule(n).register_forward_hook(count(n)) for n in names]
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: macs.get(name, 0.0) for name in names}
+# (one: the 150M decoder saves 110 MiB per sample of 128 tokens; a forward without gradient on
+# two tells an output with a row per sample from one reduced over the batch).
+FIRST_SAMPLES = 1
 
 
 def _float_leaves(value) -> list[torch.Tensor]:
@@ -126,7 +90,8 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     ``totals``; returns the number of output elements it covered.
 
     Autograd keeps every activation after the first injection for the backward. The first
-    ``FIRST_SAMPLES`` run first, and what autograd saves for them is counted; the rest run in
+    ``FIRST_SAMPLES`` run first, and what autograd saves for them is counted (a forward without
+    gradient on one more sample tells whether the model is per-sample); the rest run in
     chunks that keep it within ``SAVED_BYTES``, each its own forward and backward, with the
     projection drawn for the whole batch as one forward draws it and each output scaled by the
     whole batch's RMS (one output: its squared gradients are divided by it at the end;
@@ -142,8 +107,8 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
     with SavedTensors(reference) as probe:
         leaves, scales = _injected_forward(reference, quantized, names,
                                            slice_batch(batch, first), bar, rows)
-    per_sample = all(leaf.dim() and leaf.shape[0] == first for leaf in leaves.values()) and \
-        all(count == first for count in rows)
+    per_sample = first == samples or _one_row_per_sample(reference, names, batch, first + 1,
+                                                         (rows, leaves, first))
     if first < samples and not per_sample:  # the whole batch in one forward
         probe.release()
         del leaves, scales
@@ -201,6 +166,29 @@ def _rms_in_chunks(reference, batch, samples: int, chunk: int, leaves: dict) -> 
                 counts[path] += outputs[path].numel()
     return {path: _rms_of_mean_square(squares[path] / max(counts[path], 1)).to(leaf.device)
             for path, leaf in leaves.items()}
+
+
+def _one_row_per_sample(reference, names, batch, count: int, seen: tuple) -> bool:
+    """Whether every injected output and every output of the model has one row of dim 0 per
+    sample: ``seen`` is (rows of each injected output, outputs by path, samples) of one forward,
+    and the model runs once more without gradient on ``count`` other samples."""
+    rows_seen, leaves, samples = seen
+    rows = []
+
+    def hook(module, args, output):
+        rows.extend(leaf.shape[0] if leaf.dim() else 1 for leaf in _float_leaves(output))
+    handles = [reference.get_submodule(n).register_forward_hook(hook) for n in names]
+    try:
+        with torch.no_grad():
+            outputs = dict(output_leaves(call_model(reference, slice_batch(batch, count))))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(rows) == len(rows_seen) and all(r == count for r in rows) and \
+        all(r == samples for r in rows_seen) and \
+        all(leaf.dim() and leaf.shape[0] == samples and path in outputs and
+            outputs[path].dim() and outputs[path].shape[0] == count
+            for path, leaf in leaves.items())
 
 
 def _injected_forward(reference, quantized, names, batch, bar, rows_seen: list | None = None):
@@ -279,29 +267,3 @@ def _elements(shapes) -> int:
     samples."""
     return sum(math.prod(shape[1:]) if len(shape) else 1 for shape in shapes) * (
         shapes[0][0] if shapes and len(shapes[0]) else 1)
-
-
-def predicted_sqnr_db(ratio: float) -> float:
-    """The SQNR of a predicted noise-to-signal ``ratio`` (clamped at 0: +inf)."""
-    return sqnr_db(1.0, max(ratio, 0.0))
-
-
-def choose_float_layers(sensitivity: dict[str, float], costs: dict[str, float],
-                        budget: float | None, target_sqnr_db: float | None = None) -> list[str]:
-    """Layers to keep float, most predicted error per cost first: while their summed cost stays
-    within ``budget`` (a fraction of the summed cost of all candidates), and, with
-    ``target_sqnr_db``, only until the remaining predicted error reaches it."""
-    total_cost = sum(costs.values())
-    allowed = math.inf if budget is None else budget * total_cost
-    remaining = sum(sensitivity.values())
-    order = sorted(sensitivity, key=lambda n: sensitivity[n] / max(costs[n], 1e-30), reverse=True)
-    chosen, spent = [], 0.0
-    for name in order:
-        if target_sqnr_db is not None and predicted_sqnr_db(remaining) >= target_sqnr_db:
-            break
-        if sensitivity[name] <= 0 or spent + costs[name] > allowed:
-            continue
-        chosen.append(name)
-        spent += costs[name]
-        remaining -= sensitivity[name]
-    return chosen

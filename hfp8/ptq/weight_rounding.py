@@ -36,6 +36,7 @@ __all__ = ["compensated_rounding", "compensated_rounding_many", "rounded_runs", 
 
 DAMPING = 0.01
 BLOCK = 128
+FLIP_ROWS = 256  # rows of the factor reordered at a time (_feedback)
 INNER = 16  # columns of a sub-block (measured: 8-32 alike, 128 1.6x slower at d = 1024)
 WORK_BYTES = 256 << 20  # work space of one run of side-by-side weights
 WORK_DTYPE = torch.float32  # of the factorization and the column loop (module docstring)
@@ -47,16 +48,19 @@ def reversed_square(hessian: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return hessian.cpu().to(dtype).flip((-1, -2))  # flip copies: always a fresh tensor
 
 
-def _feedback(reversed_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """GPTQ's error feedback as one unit lower-triangular ``G`` per group (``(groups, d, d)``),
-    from ``reversed_ = P H P`` (:func:`reversed_square`; only its diagonal and lower triangle
-    are read, and it is damped in place); zeroes ``weight`` columns of inputs that never vary
-    (in place).
+def _feedback(squares: list, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """Writes GPTQ's error feedback into ``out`` as one unit lower-triangular ``G`` per group
+    (``(groups, d, d)``), from ``reversed_ = P H P``, the one tensor of ``squares``
+    (:func:`reversed_square`; only its diagonal and lower triangle are read, and it is damped
+    in place); zeroes ``weight`` columns of inputs that never vary (in place). ``squares`` is
+    emptied, so that the square is freed once factored: held here, the factor and ``out``,
+    a layer's factorization needs two squares of memory, not four.
 
     With ``P`` the order reversal and ``P H P = L L^T`` (lower Cholesky of the damped ``H``),
     ``A = P L P`` is upper triangular with ``A A^T = H``; GPTQ's factor is ``U = A^-1``
     (``U^T U = H^-1``). ``G[k, j] = A[j, k] / A[k, k]`` for ``j < k``. One factorization and no
     inverse: the loop below reads ``A`` where GPTQ reads ``A^-1``."""
+    reversed_ = squares.pop()
     diagonal = reversed_.diagonal(dim1=1, dim2=2)  # in reversed order
     dead = diagonal == 0
     diagonal[dead] = 1.0
@@ -67,11 +71,16 @@ def _feedback(reversed_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for attempt in range(6):  # more damping if H is not numerically positive definite
         lower, info = torch.linalg.cholesky_ex(reversed_)
         if not bool(info.any()):
-            del reversed_
-            # A^T = P L^T P; row-major, as the loop reads it (flip keeps the transposed strides)
-            feedback = lower.transpose(-1, -2).flip((-1, -2)).contiguous()
-            del lower
-            return feedback.div_(feedback.diagonal(dim1=1, dim2=2).clone().unsqueeze(-1))
+            del reversed_, diagonal
+            # A^T = P L^T P, row-major as the loop reads it, copied a block of rows at a time
+            # (a flip copies: whole, it would be one more square)
+            transposed, inputs = lower.transpose(-1, -2), out.shape[-1]
+            for start in range(0, inputs, FLIP_ROWS):
+                stop = min(start + FLIP_ROWS, inputs)
+                out[:, start:stop] = transposed[:, inputs - stop:inputs - start].flip((-1, -2))
+            del lower, transposed
+            out.div_(out.diagonal(dim1=1, dim2=2).clone().unsqueeze(-1))
+            return
         diagonal += damping * 10 ** attempt
     raise ValueError("input second moments are not positive definite, even damped")
 
@@ -172,11 +181,10 @@ def rounded_runs(problems: list[tuple | None], fmt: FloatFormat, work_bytes: int
                 problems[i] = None  # the second moments can go once their feedback is made
                 mine = slice(offset, offset + groups)
                 work[mine] = weight.detach().reshape(groups, rows, inputs)
-                reversed_ = hessian(dtype) if callable(hessian) else \
-                    reversed_square(hessian, dtype)
+                squares = [hessian(dtype) if callable(hessian) else
+                           reversed_square(hessian, dtype)]
                 del hessian
-                feedback[mine] = _feedback(reversed_, work[mine])
-                del reversed_
+                _feedback(squares, work[mine], feedback[mine])
                 biases[mine] = _row_biases(exponent_bias, groups, rows)
                 targets.append((i, mine, weight.shape, weight.device, weight.dtype))
                 offset += groups

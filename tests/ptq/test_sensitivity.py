@@ -1,7 +1,6 @@
-"""Per-layer sensitivity and the budgeted choice of layers kept in float."""
+"""Per-layer sensitivity (the estimate) and, through quantize_model, the budgeted choice."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 import hfp8
 from hfp8.data.model_io import call_model
 from hfp8.ptq.quantizers import quantized_layers
-from hfp8.ptq.sensitivity import choose_float_layers, layer_costs, layer_sensitivity
+from hfp8.ptq.sensitivity import layer_sensitivity
 
 
 def _fragile_model():
@@ -84,32 +83,6 @@ def test_quantize_model_keeps_the_fragile_layer_float_within_its_budget():
     assert {e["name"]: e["float"] for e in report["sensitivity"]} == {"2": False, "4": True, "7": False}
     text = hfp8.format_manifest(report)
     assert "sensitive" in text and "pred. dB" in text
-
-
-def test_the_budget_is_never_exceeded_and_the_choice_is_greedy_by_harm_per_cost():
-    sensitivity = {"a": 8.0, "b": 4.0, "c": 1.0, "d": 0.5}
-    costs = {"a": 50.0, "b": 10.0, "c": 10.0, "d": 30.0}   # total 100
-    assert choose_float_layers(sensitivity, costs, 0.0) == []
-    assert choose_float_layers(sensitivity, costs, 0.1) == ["b"]            # 0.4/unit first
-    assert choose_float_layers(sensitivity, costs, 0.25) == ["b", "c"]      # a would exceed
-    assert choose_float_layers(sensitivity, costs, 0.7) == ["b", "a", "c"]  # 70 of 70 allowed
-    for budget in (0.05, 0.15, 0.33, 0.61, 0.99):
-        chosen = choose_float_layers(sensitivity, costs, budget)
-        assert sum(costs[n] for n in chosen) <= budget * 100
-    # a target SQNR stops as soon as the remaining predicted error reaches it
-    remaining_after_b = sum(sensitivity.values()) - 4.0     # 9.5: -9.8 dB
-    assert choose_float_layers(sensitivity, costs, 1.0, target_sqnr_db=-10.0) == ["b"]
-    assert -10 * math.log10(remaining_after_b) > -10.0
-
-
-def test_costs_in_weights_and_in_multiply_accumulates():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Flatten(),
-                          nn.Linear(4 * 5 * 5, 3))
-    batch = torch.randn(3, 2, 5, 5)
-    names = ["0", "1", "3"]
-    assert layer_costs(model, names, batch, "weights") == {"0": 72.0, "1": 16.0, "3": 300.0}
-    # per sample: 18 products for each of 4 x 25 outputs; 4 x 100; 100 x 3
-    assert layer_costs(model, names, batch, "macs") == {"0": 1800.0, "1": 400.0, "3": 300.0}
 
 
 def test_budget_in_multiply_accumulates_and_target_through_the_config():
@@ -186,8 +159,8 @@ class TwoHeads(nn.Module):
 
 @pytest.mark.parametrize("outputs", ["one output", "two outputs"])
 def test_samples_in_chunks_give_the_sums_of_one_forward(outputs, monkeypatch):
-    """Past SAVED_BYTES of activations the samples after the first two run in chunks (here one
-    at a time, with a limit of one byte): the same estimate as one forward over the batch (the
+    """Past SAVED_BYTES of activations the samples after the first run in chunks (here one at
+    a time, with a limit of one byte): the same estimate as one forward over the batch (the
     projection is the whole batch's, each output scaled by the whole batch's RMS: one output's
     after the fact, two outputs' measured first without gradient), to float64 rounding."""
     from hfp8.ptq import sensitivity
@@ -213,27 +186,29 @@ def test_samples_in_chunks_give_the_sums_of_one_forward(outputs, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(sensitivity, "SAVED_BYTES", 1)
     chunked = estimate()
-    # per batch: the whole batch in one forward; then the first two samples and one at a
-    # time (two outputs: the RMS of both measured first without gradient, one at a time)
+    # per batch: the whole batch in one forward; then the first sample, two without gradient
+    # (one row per sample?), and one at a time (two outputs: the RMS of both measured first
+    # without gradient, one at a time)
     no_gradient = [] if outputs == "one output" else [1, 1, 1, 1, 1]
-    assert calls == [5, 5] + ([2, *no_gradient, 1, 1, 1]) * 2
+    assert calls == [5, 5] + ([1, 2, *no_gradient, 1, 1, 1, 1]) * 2
     for name in names:
         assert chunked[name] == pytest.approx(whole[name], rel=1e-12, abs=0), name
 
 
-def test_a_batch_within_the_limit_runs_in_two_forwards():
-    """Within SAVED_BYTES: the first two samples (their saved bytes measured), then the rest
-    in one forward."""
+def test_a_batch_within_the_limit_runs_in_two_forwards_with_gradient():
+    """Within SAVED_BYTES: the first sample (its saved bytes measured), two samples without
+    gradient (one row per sample?), then the rest in one forward."""
     model, batches = _fragile_model()
     qmodel = hfp8.quantize_model(model, batches, hfp8.QuantConfig(float_budget=0.0), quiet=True)
     calls = _counting_forwards(model)
     layer_sensitivity(model, qmodel, list(quantized_layers(qmodel)), batches, max_samples=5)
-    assert calls == [2, 3]
+    assert calls == [1, 2, 4]
 
 
 def test_outputs_that_are_not_per_sample_keep_one_forward(monkeypatch):
     """An output summed over the batch (one row whatever the batch): chunks cannot be told
-    apart in it, so the batch runs in one forward even past the limit."""
+    apart in it, so the batch runs in one forward even past the limit. The first forward's one
+    sample gives one row too: the forward on two without gradient tells."""
     from hfp8.ptq import sensitivity
 
     class Summed(nn.Module):
@@ -251,7 +226,32 @@ def test_outputs_that_are_not_per_sample_keep_one_forward(monkeypatch):
     calls = _counting_forwards(model)
     monkeypatch.setattr(sensitivity, "SAVED_BYTES", 1)
     layer_sensitivity(model, qmodel, list(quantized_layers(qmodel)), batches, max_samples=4)
-    assert calls == [2, 4]  # the first two samples (one row, not two), then one forward
+    assert calls == [1, 2, 4]  # the first sample, two (one row, not two), then one forward
+
+
+def test_a_layer_on_the_batch_mean_keeps_one_forward(monkeypatch):
+    """Outputs with a row per sample, but a quantized layer that sees the batch's mean (one
+    row whatever the batch): chunks would change what it sees, so the batch runs in one
+    forward."""
+    from hfp8.ptq import sensitivity
+
+    class BatchContext(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.context = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            features = torch.relu(self.body(x))
+            return self.head(features + self.context(features.mean(0, keepdim=True)))
+    torch.manual_seed(0)
+    model, batches = BatchContext().eval(), [torch.randn(4, 6) for _ in range(2)]
+    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
+    qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
+    calls = _counting_forwards(model)
+    monkeypatch.setattr(sensitivity, "SAVED_BYTES", 1)
+    layer_sensitivity(model, qmodel, list(quantized_layers(qmodel)), batches, max_samples=4)
+    assert calls == [1, 2, 4]
 
 
 def test_the_estimate_leaves_no_tensor_alive():
