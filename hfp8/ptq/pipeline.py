@@ -86,9 +86,11 @@ __all__ = ["quantize_model", "plan_quantization", "quantized_layers", "attach_pl
 # pass is repeated per group of layers (moments only), so memory does not grow with the model.
 # The passes replay what comes before their group (hfp8.ptq.prefix_replay): the 150M decoder in
 # 5 groups took 33.8-37.8 s against 35.6-37.9 s in 2 groups of 1 GiB side by side (benchmarks/
-# scaling.py --moments-mib 1024 256), peak 3.1 -> 2.55 GiB (128 MiB: no lower peak, 10% slower:
-# compensated rounding batches fewer equal layers per group).
-MOMENTS_BYTES = 256 << 20
+# scaling.py --moments-mib 1024 256), peak 3.1 -> 2.55 GiB. 128 MiB (about one of its blocks'
+# 152 MiB: 10 groups) with 128 MiB rounding runs: peak 2.00-2.03 against 2.17-2.25 GiB at
+# 256 MiB, in 35.7-38.1 s against 38.7-39.3 s (once the steps around them stopped growing the
+# heap: before, 128 MiB gave no lower peak and took 10% longer).
+MOMENTS_BYTES = 128 << 20
 # The most the outputs recorded for those passes to replay may hold (the 150M decoder's: 48 MiB;
 # a CNN's early maps at a large batch could hold more than the moments the groups save).
 REPLAY_BYTES = 256 << 20
