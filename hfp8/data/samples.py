@@ -101,9 +101,11 @@ class SampleFolder:
             size = self.config.batch_size
             batches = -(-len(files) // size)
             if batches < self.world_size:  # every rank sees the same files, so all refuse alike
+                made = f"{batches} batch{'' if batches == 1 else 'es'} of {size}"
                 raise SampleError(f"rank {self.world_size - 1} of {self.world_size} gets no "
-                                  f"sample from {self.path}: {len(files)} samples make {batches} "
-                                  f"batches of {size}, fewer than the {self.world_size} ranks")
+                                  f"sample from {self.path}: {len(files)} samples make {made}, "
+                                  f"fewer than the {self.world_size} ranks (a smaller batch "
+                                  "size gives every rank one)")
             starts = list(range(self.rank * size, len(files), size * self.world_size))
             chunks = [range(start, min(start + size, len(files))) for start in starts]
             files = [files[i] for chunk in chunks for i in chunk]

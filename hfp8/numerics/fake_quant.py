@@ -140,8 +140,9 @@ def _round(source, mantissa_bits, min_normal, max_finite, rounding, generator) -
     if rounding == "stochastic":
         return _round_stochastic(source, mantissa_bits, min_normal, max_finite, generator)
     result = torch.empty_like(source)
-    if torch.is_tensor(max_finite) and max_finite.numel() == len(max_finite) == len(source) \
-            and source.numel() > _BLOCK:  # bounds per slice of dim 0: blocks of whole slices
+    per_slice = torch.is_tensor(max_finite) and max_finite.dim() > 0 and \
+        max_finite.numel() == max_finite.shape[0] == source.shape[0]  # bounds per slice of dim 0
+    if per_slice and source.numel() > _BLOCK:  # blocks of whole slices
         rows = max(1, _BLOCK // max(source[0].numel(), 1))
         scratch = torch.empty((min(rows, len(source)), *source.shape[1:]), dtype=source.dtype,
                               device=source.device)

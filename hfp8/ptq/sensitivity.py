@@ -171,7 +171,8 @@ def _rms_in_chunks(reference, batch, samples: int, chunk: int, leaves: dict) -> 
 def _one_row_per_sample(reference, names, batch, count: int, seen: tuple) -> bool:
     """Whether every injected output and every output of the model has one row of dim 0 per
     sample: ``seen`` is (rows of each injected output, outputs by path, samples) of one forward,
-    and the model runs once more without gradient on ``count`` other samples."""
+    and the model runs once more, without gradient, on the batch's first ``count`` samples
+    (``count`` > samples: an output or a layer reduced over the batch keeps its row count)."""
     rows_seen, leaves, samples = seen
     rows = []
 

@@ -38,7 +38,7 @@ DAMPING = 0.01
 BLOCK = 128
 FLIP_ROWS = 256  # rows of the factor reordered at a time (_feedback)
 INNER = 16  # columns of a sub-block (measured: 8-32 alike, 128 1.6x slower at d = 1024)
-WORK_BYTES = 128 << 20  # work space of one run of side-by-side weights (pipeline.MOMENTS_BYTES)
+WORK_BYTES = 128 << 20  # work space of one run of side-by-side weights (measured: MOMENTS_BYTES)
 WORK_DTYPE = torch.float32  # of the factorization and the column loop (module docstring)
 
 
@@ -53,8 +53,9 @@ def _feedback(squares: list, weight: torch.Tensor, out: torch.Tensor) -> None:
     (``(groups, d, d)``), from ``reversed_ = P H P``, the one tensor of ``squares``
     (:func:`reversed_square`; only its diagonal and lower triangle are read, and it is damped
     in place); zeroes ``weight`` columns of inputs that never vary (in place). ``squares`` is
-    emptied, so that the square is freed once factored: held here, the factor and ``out``,
-    a layer's factorization needs two squares of memory, not four.
+    emptied (the caller's frame would otherwise keep the square alive), so the square is freed
+    once factored: a layer's factorization holds two squares (the factor and ``out``), not
+    four.
 
     With ``P`` the order reversal and ``P H P = L L^T`` (lower Cholesky of the damped ``H``),
     ``A = P L P`` is upper triangular with ``A A^T = H``; GPTQ's factor is ``U = A^-1``

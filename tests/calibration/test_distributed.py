@@ -198,6 +198,8 @@ def test_sample_folders_shard_by_rank_and_refuse_an_empty_shard(tmp_path):
     for rank in range(4):  # every rank refuses, not only the one left without samples
         with pytest.raises(SampleError, match="rank 3 of 4 gets no sample.*3 batches of 2"):
             SampleFolder(tmp_path, config, rank=rank, world_size=4)
+    with pytest.raises(SampleError, match=r"5 samples make 1 batch of 8, fewer than the 2 ranks"):
+        SampleFolder(tmp_path, SampleConfig(batch_size=8), rank=0, world_size=2)
 
 
 @pytest.mark.parametrize("world, flags", [

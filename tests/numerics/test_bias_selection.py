@@ -188,7 +188,8 @@ EDGE_FORMATS = [hfp8.E4M3, hfp8.E5M2, FloatFormat(3, 4, 3, "ieee"), FloatFormat(
 @pytest.mark.parametrize("fmt", EDGE_FORMATS, ids=str)
 def test_candidate_errors_equal_one_rounding_per_candidate(fmt, dtype):
     """Rows of different scales (most values subnormal at the widest bias in one, values near
-    float32's max in another), zeros, NaN and Inf; a small chunk cuts rows and columns."""
+    float32's max in another), zeros, NaN and Inf; a small chunk cuts rows into pieces, or
+    takes several whole rows at a time."""
     rng = torch.Generator().manual_seed(0)
     scales = torch.tensor([[1e-3], [1.0], [300.0], [1e-30], [1.0]])
     x = torch.randn(5, 3000, generator=rng) * scales
@@ -200,6 +201,13 @@ def test_candidate_errors_equal_one_rounding_per_candidate(fmt, dtype):
     slow = torch.stack([squared_error(x, fmt, candidates[:, k])
                         for k in range(candidates.shape[1])], 1)
     # float64 sums in two orders: equal up to float64 rounding of the larger terms
+    assert torch.allclose(fast, slow, rtol=1e-13, atol=0), (fast - slow).abs().max()
+    # ranges of several whole rows (10 rows of 100 per chunk of 1000), the last one short
+    many = x.reshape(150, 100)[:145]
+    candidates = _candidates(many, fmt)
+    fast = candidate_errors(many, fmt, candidates, chunk=1000)
+    slow = torch.stack([squared_error(many, fmt, candidates[:, k])
+                        for k in range(candidates.shape[1])], 1)
     assert torch.allclose(fast, slow, rtol=1e-13, atol=0), (fast - slow).abs().max()
 
 
