@@ -205,53 +205,48 @@ def test_a_batch_within_the_limit_runs_in_two_forwards_with_gradient():
     assert calls == [1, 2, 4]
 
 
-def test_outputs_that_are_not_per_sample_keep_one_forward(monkeypatch):
-    """An output summed over the batch (one row whatever the batch): chunks cannot be told
-    apart in it, so the batch runs in one forward even past the limit. The first forward's one
-    sample gives one row too: the forward on two without gradient tells."""
+class Summed(nn.Module):
+    """An output summed over the batch: one row whatever the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                                  nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.body(x).sum(0, keepdim=True)
+
+
+class BatchContext(nn.Module):
+    """Outputs with a row per sample, but a quantized layer that sees the batch's mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.context = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        features = torch.relu(self.body(x))
+        return self.head(features + self.context(features.mean(0, keepdim=True)))
+
+
+@pytest.mark.parametrize("model_class", [Summed, BatchContext],
+                         ids=["output summed over the batch", "layer on the batch mean"])
+def test_a_reduction_over_the_batch_keeps_one_forward(model_class, monkeypatch):
+    """Something of one row whatever the batch (an output, or what a quantized layer sees):
+    chunks cannot be told apart in it or would change it, so the batch runs in one forward
+    even past the limit. The first forward's one sample gives one row too: the forward on two
+    without gradient tells."""
     from hfp8.ptq import sensitivity
 
-    class Summed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
-                                      nn.Linear(6, 3))
-
-        def forward(self, x):
-            return self.body(x).sum(0, keepdim=True)
     torch.manual_seed(0)
-    model, batches = Summed().eval(), [torch.randn(4, 6) for _ in range(2)]
+    model, batches = model_class().eval(), [torch.randn(4, 6) for _ in range(2)]
     config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
     qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
     calls = _counting_forwards(model)
     monkeypatch.setattr(sensitivity, "SAVED_BYTES", 1)
     layer_sensitivity(model, qmodel, list(quantized_layers(qmodel)), batches, max_samples=4)
     assert calls == [1, 2, 4]  # the first sample, two (one row, not two), then one forward
-
-
-def test_a_layer_on_the_batch_mean_keeps_one_forward(monkeypatch):
-    """Outputs with a row per sample, but a quantized layer that sees the batch's mean (one
-    row whatever the batch): chunks would change what it sees, so the batch runs in one
-    forward."""
-    from hfp8.ptq import sensitivity
-
-    class BatchContext(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.context = nn.Linear(6, 6), nn.Linear(6, 6)
-            self.head = nn.Linear(6, 3)
-
-        def forward(self, x):
-            features = torch.relu(self.body(x))
-            return self.head(features + self.context(features.mean(0, keepdim=True)))
-    torch.manual_seed(0)
-    model, batches = BatchContext().eval(), [torch.randn(4, 6) for _ in range(2)]
-    config = hfp8.QuantConfig(float_budget=0.0, keep_first_and_last=False)
-    qmodel = hfp8.quantize_model(model, batches, config, quiet=True)
-    calls = _counting_forwards(model)
-    monkeypatch.setattr(sensitivity, "SAVED_BYTES", 1)
-    layer_sensitivity(model, qmodel, list(quantized_layers(qmodel)), batches, max_samples=4)
-    assert calls == [1, 2, 4]
 
 
 def test_the_estimate_leaves_no_tensor_alive():
