@@ -86,8 +86,8 @@ __all__ = ["quantize_model", "plan_quantization", "quantized_layers", "attach_pl
 # pass is repeated per group of layers (moments only), so memory does not grow with the model.
 # The passes replay what comes before their group (hfp8.ptq.prefix_replay): the 150M decoder in
 # 5 groups took 33.8-37.8 s against 35.6-37.9 s in 2 groups of 1 GiB side by side (benchmarks/
-# scaling.py --moments-mib 1024 256), peak 3.1 -> 2.55 GiB. 128 MiB (about one of its blocks'
-# 152 MiB: 10 groups) with 128 MiB rounding runs: peak 2.00-2.03 against 2.17-2.25 GiB at
+# scaling.py --moments-mib 1024 256), peak 3.1 -> 2.55 GiB. 128 MiB (below one of its blocks'
+# 152 MiB: 12 groups) with 128 MiB rounding runs: peak 2.00-2.03 against 2.17-2.25 GiB at
 # 256 MiB, in 35.7-38.1 s against 38.7-39.3 s (once the steps around them stopped growing the
 # heap: before, 128 MiB gave no lower peak and took 10% longer).
 MOMENTS_BYTES = 128 << 20
@@ -133,8 +133,8 @@ def _weight_summary(sums: torch.Tensor) -> dict:
 
 def _quantize_weights(qmodel: nn.Module, layer_plan: dict, config: QuantConfig) -> dict:
     """Attaches every planned layer and rounds its weight matrices to nearest at their chosen
-    biases, one matrix at a time (the working set is one matrix and its copies, whatever the
-    layer: an LSTM's six matrices are not held side by side)."""
+    biases, one matrix at a time (the working set is one matrix's rounded copy and blocks of
+    work, whatever the layer: an LSTM's six matrices are not held side by side)."""
     summaries = {}
     for name, reason in layer_plan.items():
         if reason is not None:

@@ -52,6 +52,12 @@ def _float_leaves(value) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if torch.is_tensor(leaf) and leaf.is_floating_point()]
 
 
+def _rows(floats) -> list[int]:
+    """Rows of dim 0 of each float output leaf (1 for a scalar): one scale each in the
+    injection, and what tells a per-sample layer."""
+    return [leaf.shape[0] if leaf.dim() else 1 for leaf in floats]
+
+
 def layer_sensitivity(model: nn.Module, qmodel: nn.Module, names: list[str], batches,
                       num_batches: int = 1, seed: int = 0, quiet: bool = True,
                       max_samples: int | None = None) -> dict[str, float]:
@@ -108,7 +114,7 @@ def _accumulate(reference, quantized, names, batch, generator, seed, max_samples
         leaves, scales = _injected_forward(reference, quantized, names,
                                            slice_batch(batch, first), bar, rows)
     per_sample = first == samples or _one_row_per_sample(reference, names, batch, first + 1,
-                                                         (rows, leaves, first))
+                                                         rows, leaves, first)
     if first < samples and not per_sample:  # the whole batch in one forward
         probe.release()
         del leaves, scales
@@ -168,16 +174,17 @@ def _rms_in_chunks(reference, batch, samples: int, chunk: int, leaves: dict) -> 
             for path, leaf in leaves.items()}
 
 
-def _one_row_per_sample(reference, names, batch, count: int, seen: tuple) -> bool:
+def _one_row_per_sample(reference, names, batch, count: int, rows_seen: list, leaves: dict,
+                        samples: int) -> bool:
     """Whether every injected output and every output of the model has one row of dim 0 per
-    sample: ``seen`` is (rows of each injected output, outputs by path, samples) of one forward,
-    and the model runs once more, without gradient, on the batch's first ``count`` samples
-    (``count`` > samples: an output or a layer reduced over the batch keeps its row count)."""
-    rows_seen, leaves, samples = seen
+    sample: ``rows_seen`` and ``leaves`` (the outputs by path) are what one forward on
+    ``samples`` samples gave, and the model runs once more, without gradient, on the batch's
+    first ``count`` samples (``count`` > samples: an output or a layer reduced over the batch
+    keeps its row count)."""
     rows = []
 
     def hook(module, args, output):
-        rows.extend(leaf.shape[0] if leaf.dim() else 1 for leaf in _float_leaves(output))
+        rows.extend(_rows(_float_leaves(output)))
     handles = [reference.get_submodule(n).register_forward_hook(hook) for n in names]
     try:
         with torch.no_grad():
@@ -208,7 +215,7 @@ def _injected_forward(reference, quantized, names, batch, bar, rows_seen: list |
             with torch.no_grad():
                 noises = [q - leaves[i] for i, q in
                           zip(floats, _float_leaves(quantized[name](*args)))]
-            rows = [leaves[i].shape[0] if leaves[i].dim() else 1 for i in floats]
+            rows = _rows([leaves[i] for i in floats])
             scale = torch.zeros(sum(rows), dtype=noises[0].dtype, device=noises[0].device,
                                 requires_grad=True)  # a float64 model: float64 gradients
             scales[name] = scale

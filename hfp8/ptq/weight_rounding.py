@@ -38,7 +38,8 @@ DAMPING = 0.01
 BLOCK = 128
 FLIP_ROWS = 256  # rows of the factor reordered at a time (_feedback)
 INNER = 16  # columns of a sub-block (measured: 8-32 alike, 128 1.6x slower at d = 1024)
-WORK_BYTES = 128 << 20  # work space of one run of side-by-side weights (measured: MOMENTS_BYTES)
+# work space of one run of side-by-side weights (chosen with pipeline.MOMENTS_BYTES: see there)
+WORK_BYTES = 128 << 20
 WORK_DTYPE = torch.float32  # of the factorization and the column loop (module docstring)
 
 
