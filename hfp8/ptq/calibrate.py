@@ -86,8 +86,7 @@ def analysis_pass(qmodel: nn.Module, batches, num_batches: int, moment_layers,
     ``moment_layers``), the pass replays what was recorded before it
     (:mod:`hfp8.ptq.prefix_replay`)."""
     found = quant_points(qmodel)
-    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)} \
-        if observe else {}
+    observers = {name: HistogramObserver() for name in found} if observe else {}
     layers = quantized_layers(qmodel)
     # seeded by the layer's position among all quantized layers, whichever pass measures it
     moments = {name: InputMoments(layer, seed=index) for index, (name, layer)
@@ -155,7 +154,7 @@ def calibration_pass(qmodel, model, calibration, config, quiet):
     report and the number of samples seen."""
     found = quant_points(qmodel) if config.activation_format is not None else {}
     has_bn = bool(batchnorm_layers(model)) and config.bn_recalibration != "none"
-    observers = {name: HistogramObserver(seed=index) for index, name in enumerate(found)}
+    observers = {name: HistogramObserver() for name in found}  # one shared draw per batch
     bn_report, samples = None, 0
     try:
         for name, observer in observers.items():
