@@ -132,6 +132,21 @@ def _overflow_to_specials(x, result, fmt: FloatFormat, step_at_top) -> torch.Ten
     return torch.where(overflow, torch.copysign(special, x), result)
 
 
+def _round_in_blocks(source, result, rows, mantissa_bits, min_normal, max_finite,
+                     sliced: bool) -> None:
+    """Rounds ``source`` into ``result`` ``rows`` slices of dim 0 at a time, in one block's work
+    space; ``sliced``: the bounds hold one entry per slice of dim 0, taken along with it."""
+    scratch = torch.empty((min(rows, len(source)), *source.shape[1:]), dtype=source.dtype,
+                          device=source.device)
+    sums = torch.empty_like(scratch)
+    for start in range(0, len(source), rows):
+        mine = slice(start, min(start + rows, len(source)))
+        size = mine.stop - start
+        low, high = (min_normal[mine], max_finite[mine]) if sliced else (min_normal, max_finite)
+        _round_nearest(source[mine], result[mine], scratch[:size], sums[:size], mantissa_bits,
+                       low, high)
+
+
 def _round(source, mantissa_bits, min_normal, max_finite, rounding, generator) -> torch.Tensor:
     """Rounds a contiguous tensor in the compute dtype, block by block (the work space is one
     block's): scalar parameters in blocks of ``_BLOCK`` values, parameters per slice of dim 0
@@ -143,29 +158,14 @@ def _round(source, mantissa_bits, min_normal, max_finite, rounding, generator) -
     per_slice = torch.is_tensor(max_finite) and max_finite.dim() > 0 and \
         max_finite.numel() == max_finite.shape[0] == source.shape[0]  # bounds per slice of dim 0
     if per_slice and source.numel() > _BLOCK:  # blocks of whole slices
-        rows = max(1, _BLOCK // max(source[0].numel(), 1))
-        scratch = torch.empty((min(rows, len(source)), *source.shape[1:]), dtype=source.dtype,
-                              device=source.device)
-        sums = torch.empty_like(scratch)
-        for start in range(0, len(source), rows):
-            size = min(rows, len(source) - start)
-            mine = slice(start, start + size)
-            _round_nearest(source[mine], result[mine], scratch[:size], sums[:size],
-                           mantissa_bits, min_normal[mine], max_finite[mine])
-        return result
-    if torch.is_tensor(max_finite) or source.numel() <= _BLOCK:  # one block: no slicing
+        _round_in_blocks(source, result, max(1, _BLOCK // max(source[0].numel(), 1)),
+                         mantissa_bits, min_normal, max_finite, sliced=True)
+    elif torch.is_tensor(max_finite) or source.numel() <= _BLOCK:  # one block: no slicing
         _round_nearest(source, result, torch.empty_like(source), torch.empty_like(source),
                        mantissa_bits, min_normal, max_finite)
-        return result
-    flat_in, flat_out = source.view(-1), result.view(-1)
-    block = max(1, min(_BLOCK, flat_in.numel()))
-    scratch = torch.empty(block, dtype=source.dtype, device=source.device)
-    sums = torch.empty_like(scratch)
-    for start in range(0, flat_in.numel(), block):
-        stop = min(start + block, flat_in.numel())
-        size = stop - start
-        _round_nearest(flat_in[start:stop], flat_out[start:stop], scratch[:size], sums[:size],
-                       mantissa_bits, min_normal, max_finite)
+    else:  # blocks of _BLOCK values of the flat tensor
+        _round_in_blocks(source.view(-1), result.view(-1), _BLOCK, mantissa_bits, min_normal,
+                         max_finite, sliced=False)
     return result
 
 
