@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_all", "OutputExistsError"]
+__all__ = ["atomic_write", "atomic_write_all", "external_data_path", "OutputExistsError"]
 
 
 class OutputExistsError(FileExistsError):
@@ -163,3 +163,10 @@ def atomic_write_all(paths: list[str | os.PathLike], write: Callable[[list[str]]
                 os.unlink(temporary)
         raise
     return targets
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where an ONNX file's weights go when they do not fit in it (models past 2 GiB):
+    ``path`` with ``.data`` appended, beside it (the file refers to it by name)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 import hfp8
+from hfp8._files import external_data_path
 from hfp8.cli import inputs
 from hfp8.cli.outputs import (
     VerificationFailed,
@@ -38,25 +42,48 @@ def _phase(args, text: str) -> None:
         print(f"hfp8-ptq {args.command}: {text} ...", file=sys.stderr, flush=True)
 
 
-def _export_and_verify(qmodel, onnx_path, example, batches, reference, args, report) -> None:
-    """Export to ``onnx_path`` (a temporary name) and verify it there; a failed verification
-    raises, so that nothing is placed."""
+def _export_and_verify(qmodel, temporaries, onnx_path, example, batches, reference, args,
+                       report) -> None:
+    """Export and verify into ``temporaries`` (the ONNX file's temporary name, then with
+    ``--external-data`` its weights file's); a failed verification raises, so that nothing is
+    placed. ``onnx_path``: the name the file will have (the graph names its weights file after
+    it, so that export is staged under the final names, in a folder of its own)."""
     _phase(args, "exporting to ONNX with torch.onnx.export (dynamo)")
-    # one file only: the command line places exactly the files it names (a weights file
-    # beside a >2 GiB model is the Python API's)
-    hfp8.export_onnx(qmodel, onnx_path, example, opset=getattr(args, "opset", None),
-                     external_data_bytes=None)
-    if args.no_verify:
-        return
-    from hfp8.export.verify import passed
+    opset = getattr(args, "opset", None)
+    with contextlib.ExitStack() as stack:
+        if args.external_data:  # every weight of 1 KiB or more in the second file
+            folder = stack.enter_context(tempfile.TemporaryDirectory(
+                dir=Path(temporaries[0]).parent, prefix=".hfp8-export-"))
+            exported = Path(folder) / Path(onnx_path).name
+            hfp8.export_onnx(qmodel, exported, example, opset=opset, external_data_bytes=0)
+        else:  # one file, or a clear error past 2 GiB
+            exported = temporaries[0]
+            hfp8.export_onnx(qmodel, exported, example, opset=opset, external_data_bytes=None)
+        if not args.no_verify:
+            from hfp8.export.verify import passed
 
-    _phase(args, "verifying the ONNX file in onnxruntime (Q/DQ pairs, layers, whole model)")
-    verification = hfp8.verify_onnx(qmodel, onnx_path, batches, reference=reference,
-                                     quiet=args.quiet)
-    verification["passed"] = passed(verification)
-    report["verification"] = verification
-    if not verification["passed"]:
-        raise VerificationFailed(verification)
+            _phase(args, "verifying the ONNX file in onnxruntime (Q/DQ pairs, layers, whole "
+                   "model)")
+            verification = hfp8.verify_onnx(qmodel, exported, batches, reference=reference,
+                                             quiet=args.quiet)
+            verification["passed"] = passed(verification)
+            report["verification"] = verification
+            if not verification["passed"]:
+                raise VerificationFailed(verification)
+        if args.external_data:
+            os.replace(exported, temporaries[0])
+            os.replace(external_data_path(exported), temporaries[1])
+
+
+def _onnx_outputs(onnx_path: str | None, args) -> list[str]:
+    """The files an export writes: the ONNX file, and with ``--external-data`` its weights."""
+    if onnx_path is None:
+        return []
+    return [onnx_path, *([str(external_data_path(onnx_path))] if args.external_data else [])]
+
+
+def _external_data_report(onnx_path: str, args) -> dict:
+    return {"external_data": str(external_data_path(onnx_path))} if args.external_data else {}
 
 
 def _config(args) -> hfp8.QuantConfig:
@@ -92,9 +119,9 @@ def quantize(args) -> tuple[dict, str, int]:
     check_output(args.output, [args.model], args.overwrite, [args.calib],
                  arch=getattr(args, "arch", None))
     _check_plot(args, [args.model, args.output, args.onnx])
-    if args.onnx:
-        check_output(args.onnx, [args.model, args.output], args.overwrite, [args.calib],
-                     arch=getattr(args, "arch", None))  # (-o and --onnx as one file: usage.py)
+    for path in _onnx_outputs(args.onnx, args):  # (-o and --onnx as one file: usage.py)
+        check_output(path, [args.model, args.output], args.overwrite, [args.calib],
+                     arch=getattr(args, "arch", None))
     if args.arch == inputs.RECORDED:
         raise inputs.UsageError("--arch recorded: a float model file records no architecture")
     device = inputs.torch_device(args.device)
@@ -129,12 +156,11 @@ def quantize(args) -> tuple[dict, str, int]:
     def write(temporaries: list[str]) -> None:
         if args.onnx:
             batches = [b for _, b in zip(range(4), samples)]
-            _export_and_verify(qmodel, temporaries[1], map_tensors(first, lambda t: t[:1]),
-                               batches, model, args, report)
+            _export_and_verify(qmodel, temporaries[1:], args.onnx,
+                               map_tensors(first, lambda t: t[:1]), batches, model, args, report)
         report["manifest"] = hfp8.save_quantized(qmodel, temporaries[0])
 
-    if not write_outputs([args.output, args.onnx] if args.onnx else [args.output], write,
-                         args.overwrite):
+    if not write_outputs([args.output, *_onnx_outputs(args.onnx, args)], write, args.overwrite):
         return {}, "", 0  # another rank writes
     lines = [hfp8.format_manifest(report["manifest"]), f"wrote {args.output}"]
     if args.plot:
@@ -144,7 +170,8 @@ def quantize(args) -> tuple[dict, str, int]:
         lines.append(f"wrote {args.plot}")
     if args.onnx:
         report["onnx"] = args.onnx
-        lines.append(f"wrote {args.onnx}")
+        report.update(_external_data_report(args.onnx, args))
+        lines += [f"wrote {path}" for path in _onnx_outputs(args.onnx, args)]
         if "verification" in report:
             lines.append(verification_text(report["verification"]))
     return report, "\n".join(lines), 0
@@ -162,8 +189,9 @@ def _random_batches(spec, seed: int) -> list:
 
 
 def export(args) -> tuple[dict, str, int]:
-    check_output(args.output, [args.qmodel], args.overwrite, [args.verify_data],
-                 arch=getattr(args, "arch", None))
+    for path in _onnx_outputs(args.output, args):
+        check_output(path, [args.qmodel], args.overwrite, [args.verify_data],
+                     arch=getattr(args, "arch", None))
     if file_kind(args.qmodel) != "hfp8":
         raise inputs.UsageError(f"{args.qmodel} is not an hfp8-ptq quantized model (.hfp8.pt from "
                                 "'hfp8-ptq quantize'); export needs one")
@@ -180,10 +208,10 @@ def export(args) -> tuple[dict, str, int]:
     else:
         raise inputs.UsageError(f"{args.qmodel} does not record its input shape; pass --verify-data DIR")
     inputs.dry_run(qmodel, example, args.verify_data or args.qmodel)
-    report = {"output": args.output}
-    write_outputs([args.output], lambda temporaries: _export_and_verify(
-        qmodel, temporaries[0], example, batches, None, args, report), args.overwrite)
-    lines = [f"wrote {args.output}"]
+    report = {"output": args.output, **_external_data_report(args.output, args)}
+    write_outputs(_onnx_outputs(args.output, args), lambda temporaries: _export_and_verify(
+        qmodel, temporaries, args.output, example, batches, None, args, report), args.overwrite)
+    lines = [f"wrote {path}" for path in _onnx_outputs(args.output, args)]
     if "verification" in report:
         lines.append(verification_text(report["verification"]))
     return report, "\n".join(lines), 0
@@ -227,7 +255,7 @@ def inspect(args) -> tuple[dict, str, int]:
         raise inputs.UsageError(f"{args.file} is neither an hfp8-ptq model nor an ONNX file")
     import onnx
 
-    model = inputs.load_onnx(args.file)
+    model = inputs.load_onnx(args.file, load_external_data=False)  # the data types suffice
     ops = [n.op_type for n in model.graph.node]
     fp8 = {t.name for t in model.graph.initializer
            if t.data_type in (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2)}

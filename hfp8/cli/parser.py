@@ -70,6 +70,13 @@ def device_argument(parser) -> None:
                         help=DEVICE_HELP)
 
 
+def _external_data_argument(parser, onnx_flag: str) -> None:
+    parser.add_argument("--external-data", action="store_true",
+                        help=f"write the ONNX weights to a second file, FILE.data beside "
+                             f"{onnx_flag} (which names it: keep the two together); needed "
+                             "once the ONNX file would pass 2 GiB")
+
+
 def _model_arguments(parser, reference: str | None = None, device: bool = True) -> None:
     parser.add_argument("--arch", metavar="MODULE:FACTORY", help=ARCH_HELP)
     parser.add_argument("--trust-pickle", action="store_true",
@@ -126,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="quantized model file to write")
     q.add_argument("--onnx", metavar="FILE", help="also export (and verify) FP8 QDQ ONNX")
     q.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
+    _external_data_argument(q, "--onnx FILE")
     _model_arguments(q)
     fmt = q.add_argument_group("quantization")
     fmt.add_argument("--format", choices=("e4m3", "e5m2"), default="e4m3",
@@ -195,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime verification")
     e.add_argument("--verify-data", metavar="DIR", help="samples for verification (default: "
                    "seeded random inputs of the recorded input shape)")
+    _external_data_argument(e, "-o FILE")
     _model_arguments(e, device=False)
     _sample_arguments(e, "samples for --verify-data", recorded=True, verify=True)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from hfp8._files import external_data_path
+
 __all__ = ["UsageError", "check_paths", "MODEL_ARGUMENTS", "FOLDER_ARGUMENTS"]
 
 MODEL_ARGUMENTS = ("model", "qmodel", "reference")  # files the commands read
@@ -15,6 +17,11 @@ FOLDER_ARGUMENTS = ("calib", "data", "val")  # sample folders
 
 class UsageError(ValueError):
     """A mistake in the command line itself, or an input it cannot use."""
+
+
+def onnx_output(args) -> str | None:
+    """The ONNX file a command writes: ``--onnx`` of quantize, ``-o`` of export."""
+    return args.output if args.command == "export" else getattr(args, "onnx", None)
 
 
 def check_paths(args) -> None:
@@ -40,6 +47,11 @@ def check_paths(args) -> None:
     outputs = {flag: getattr(args, name, None)
                for flag, name in (("-o", "output"), ("--onnx", "onnx"), ("--plot", "plot"))}
     outputs = {flag: path for flag, path in outputs.items() if path}
+    if getattr(args, "external_data", False):
+        onnx_path = onnx_output(args)
+        if onnx_path is None:
+            raise UsageError("--external-data: give --onnx FILE (the weights go beside it)")
+        outputs["--external-data"] = str(external_data_path(onnx_path))
     seen: dict[str, str] = {}
     for flag, path in outputs.items():
         earlier = seen.setdefault(os.path.realpath(path), flag)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from hfp8._files import atomic_write, atomic_write_all
+from hfp8._files import atomic_write, atomic_write_all, external_data_path
 from hfp8.data.model_io import BatchError, map_tensors, split_batch
 from hfp8.export import ExportError, onnx_fp8_form, onnx_graph
 from hfp8.export.deployment_form import deployment_form
@@ -213,8 +213,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
     if size >= (EXTERNAL_DATA_BYTES if external_data_bytes is None else external_data_bytes):
         if external_data_bytes is None:
             raise ExportError(f"the ONNX model is {size / 2**30:.2f} GiB, past what one file "
-                              "holds; hfp8.export_onnx from Python writes its weights to a "
-                              "second file beside it")
+                              "holds; write its weights to a second file beside it "
+                              "(hfp8-ptq: --external-data; hfp8.export_onnx: "
+                              "external_data_bytes)")
         return _write_with_external_data(onnx_model, Path(path))
     try:
         onnx.checker.check_model(onnx_model, full_check=True)
@@ -228,13 +229,6 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_input,
 
     atomic_write(path, write)
     return onnx_model
-
-
-def external_data_path(path: str | os.PathLike) -> Path:
-    """Where :func:`export_onnx` puts the weights of a model too large for one protobuf file:
-    ``path`` with ``.data`` appended, beside it (the file refers to it by name)."""
-    path = Path(path)
-    return path.with_name(path.name + ".data")
 
 
 def _write_with_external_data(onnx_model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
