@@ -38,7 +38,7 @@ def _locations(path) -> set[str]:
 
 def test_export_writes_the_weights_beside_the_file_and_computes_the_same(quantized):
     before = set(quantized.iterdir())
-    run(*EXPORT, "-o", "one.onnx", cwd=quantized, check_code=0)
+    run(*EXPORT, "-o", "one.onnx", "--no-verify", cwd=quantized, check_code=0)
     result = run(*EXPORT, "-o", "two.onnx", "--external-data", "--json", cwd=quantized,
                  check_code=0)
     report = json.loads(result.stdout)
@@ -51,11 +51,10 @@ def test_export_writes_the_weights_beside_the_file_and_computes_the_same(quantiz
     assert two.stat().st_size < data.stat().st_size < one.stat().st_size
     x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(_outputs(two, x), _outputs(one, x))
-    # the other commands read the pair as they read one file
-    top1 = [json.loads(run("evaluate", name, "--data", "test", "--json", "--quiet",
-                           cwd=quantized, check_code=0).stdout)["top1"]
-            for name in ("one.onnx", "two.onnx")]
-    assert top1[0] == top1[1]
+    # the other commands read the pair (the same outputs as one file: checked above)
+    evaluation = json.loads(run("evaluate", "two.onnx", "--data", "test", "--json", "--quiet",
+                                cwd=quantized, check_code=0).stdout)
+    assert evaluation["samples"] == 500 and 0.8 < evaluation["top1"] <= 1
     inspected = json.loads(run("inspect", "two.onnx", "--json", cwd=quantized,
                                check_code=0).stdout)
     assert inspected["fp8_weight_tensors"] == 3
