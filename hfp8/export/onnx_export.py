@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -247,8 +248,13 @@ def _write_with_external_data(onnx_model: onnx.ModelProto, path: Path) -> onnx.M
             raise ExportError(f"the exported graph fails onnx.checker: {_first_line(error)}") from None
 
         def write(temporaries: list[str]) -> None:
-            os.replace(staged, temporaries[0])
-            os.replace(Path(folder) / data.name, temporaries[1])
+            for written, temporary in ((staged, temporaries[0]),
+                                       (Path(folder) / data.name, temporaries[1])):
+                # the mode any new file gets here (the umask's), not the owner-only 0600 that
+                # onnx (1.23) creates the weights file with: a service that reads the graph
+                # must be able to read its weights
+                shutil.copymode(temporary, written)
+                os.replace(written, temporary)
 
         atomic_write_all([path, data], write)
     return onnx_model

@@ -5,6 +5,7 @@ with the command's other outputs, or not at all."""
 from __future__ import annotations
 
 import json
+import stat
 
 import numpy as np
 import onnx
@@ -49,6 +50,7 @@ def test_export_writes_the_weights_beside_the_file_and_computes_the_same(quantiz
     # the graph names its weights file by its final name, not by the staged one
     assert _locations(two) == {"two.onnx.data"} and _locations(one) == set()
     assert two.stat().st_size < data.stat().st_size < one.stat().st_size
+    assert stat.S_IMODE(data.stat().st_mode) == stat.S_IMODE(one.stat().st_mode)  # readable alike
     x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(_outputs(two, x), _outputs(one, x))
     # the other commands read the pair (the same outputs as one file: checked above)

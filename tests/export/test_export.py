@@ -1,5 +1,6 @@
 import hashlib
 import math
+import stat
 
 import ml_dtypes
 import numpy as np
@@ -335,6 +336,11 @@ def test_a_model_past_the_size_limit_keeps_its_weights_in_a_data_file_beside_it(
     hfp8.export_onnx(qmodel, split, batches[0], external_data_bytes=1000)
     assert sorted(p.name for p in split.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
     assert external_data_path(split).stat().st_size > 60_000 > split.stat().st_size
+    # both files readable as any new file here is (onnx creates the weights file 0600)
+    fresh = tmp_path / "fresh"
+    fresh.write_bytes(b"")
+    for path in (split, external_data_path(split)):
+        assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(fresh.stat().st_mode)
     assert [p.name for p in single.parent.iterdir()] == ["q.onnx"]
     x = torch.randn(5, 64)
     np.testing.assert_array_equal(_run(split, x), _run(single, x))
