@@ -19,7 +19,7 @@ class UsageError(ValueError):
     """A mistake in the command line itself, or an input it cannot use."""
 
 
-def onnx_output(args) -> str | None:
+def _onnx_output(args) -> str | None:
     """The ONNX file a command writes: ``--onnx`` of quantize, ``-o`` of export."""
     return args.output if args.command == "export" else getattr(args, "onnx", None)
 
@@ -48,7 +48,7 @@ def check_paths(args) -> None:
                for flag, name in (("-o", "output"), ("--onnx", "onnx"), ("--plot", "plot"))}
     outputs = {flag: path for flag, path in outputs.items() if path}
     if getattr(args, "external_data", False):
-        onnx_path = onnx_output(args)
+        onnx_path = _onnx_output(args)
         if onnx_path is None:
             raise UsageError("--external-data: give --onnx FILE (the weights go beside it)")
         outputs["--external-data"] = str(external_data_path(onnx_path))
