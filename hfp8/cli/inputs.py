@@ -242,7 +242,7 @@ def onnx_runner(path: str):
     from hfp8.export import onnx_replay
 
     try:
-        session = onnx_replay.session(path)
+        session = onnx_replay.session(path, memory_arena=True)  # many batches: keep it
     except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
         raise UsageError(f"onnxruntime cannot load {path}: {one_line(error)}") from None
 

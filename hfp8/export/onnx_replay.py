@@ -205,15 +205,20 @@ def _ancestors(nodes: list, value: str) -> set[int]:
     return found
 
 
-def session(model_or_path, providers=("CPUExecutionProvider",)) -> onnxruntime.InferenceSession:
-    """A session with onnxruntime's default options (graph optimizations on, as users run it)."""
+def session(model_or_path, providers=("CPUExecutionProvider",),
+            memory_arena: bool = False) -> onnxruntime.InferenceSession:
+    """A session with onnxruntime's default options (graph optimizations on, as users run it),
+    but for two that change no value computed, only what the session costs beside PyTorch in
+    one process: idle worker threads sleep instead of spinning (verification alternates
+    onnxruntime runs with PyTorch work, and spinning threads take its cores:
+    benchmarks/export_time.py, verification 1.8x faster on MobileNetV2, 3.6x on the 10M
+    decoder), and without ``memory_arena`` each run's tensors go back to the allocator instead
+    of into an arena the session keeps (verification of the 40M decoder peaked at 1.74 GiB
+    instead of 2.04 GiB, in about the same time)."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    # idle worker threads sleep instead of spinning: verification alternates onnxruntime runs
-    # with PyTorch work in the same process, and spinning threads take its cores (the values
-    # computed are the same; benchmarks/export_time.py: verification 1.8x faster on MobileNetV2,
-    # 3.6x on the 10M decoder)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = memory_arena
     if isinstance(model_or_path, onnx.ModelProto):
         source = model_or_path.SerializeToString()
     else:

@@ -40,6 +40,7 @@ from hfp8.data.batches import calibration_batches
 from hfp8.data.model_io import map_tensors, output_leaves, split_batch
 from hfp8.export import noise_floor, onnx_replay
 from hfp8.export.layer_replay import paired_test, replay_layers, summation_bound
+from hfp8.export.verify_models import verification_model
 from hfp8.numerics.sqnr import sqnr_db
 from hfp8.ptq.operand_sites import operand_sites, owners_closed
 from hfp8.ptq.points import quant_points
@@ -181,10 +182,16 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
     it is within; ``passed`` if either holds) and, with a reference, ``fidelity`` (the same test against
     the float model's outputs; informative: closeness to the float64 run implies it).
     """
+    with verification_model(qmodel) as tapped:
+        return _verify(tapped, path, samples, reference, providers, quiet)
+
+
+def _verify(qmodel, path, samples, reference, providers, quiet) -> dict:
+    """:func:`verify_onnx` on ``qmodel`` (CPU, float32, eval mode; its taps are set here and
+    put back by the caller)."""
     model = onnx.load(str(path))
-    ort_session = onnx_replay.session(model, providers)
-    qmodel = copy.deepcopy(qmodel).eval().cpu().float()
-    exact = copy.deepcopy(qmodel).double()
+    ort_session = onnx_replay.session(path, providers)  # the file as written (no proto copy)
+    exact = copy.deepcopy(qmodel).double()  # before the taps: it runs without them
     file_index = onnx_replay.FileIndex(model)  # once: cutting pieces stays linear in the file
     pairs = _Pairs(file_index, quant_points(qmodel), providers)
     captured: dict = {}
@@ -238,6 +245,7 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
     if count < 2:
         raise ValueError("verify_onnx needs at least 2 samples: the whole-model check compares "
                          "per-sample deviations")
+    del exact, ort_session  # the replay's sessions come next: not beside these
     layers = replay_layers(file_index, qmodel, captured, providers, first_inputs)
     for result in pairs.results.values():
         result["bit_exact"] = result["mismatches"] == 0
