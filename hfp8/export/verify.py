@@ -40,7 +40,7 @@ from hfp8.data.batches import calibration_batches
 from hfp8.data.model_io import map_tensors, output_leaves, split_batch
 from hfp8.export import noise_floor, onnx_replay
 from hfp8.export.layer_replay import paired_test, replay_layers, summation_bound
-from hfp8.export.verify_models import verification_model
+from hfp8.export.verify_models import tap_holders, verification_model
 from hfp8.numerics.sqnr import sqnr_db
 from hfp8.ptq.operand_sites import operand_sites, owners_closed
 from hfp8.ptq.points import quant_points
@@ -188,34 +188,21 @@ def verify_onnx(qmodel, path, samples, reference=None, providers=("CPUExecutionP
 
 def _verify(qmodel, path, samples, reference, providers, quiet) -> dict:
     """:func:`verify_onnx` on ``qmodel`` (CPU, float32, eval mode; its taps are set here and
-    put back by the caller)."""
-    model = onnx.load(str(path))
-    ort_session = onnx_replay.session(path, providers)  # the file as written (no proto copy)
-    exact = copy.deepcopy(qmodel).double()  # before the taps: it runs without them
-    file_index = onnx_replay.FileIndex(model)  # once: cutting pieces stays linear in the file
-    pairs = _Pairs(file_index, quant_points(qmodel), providers)
-    captured: dict = {}
-    _install_taps(qmodel, pairs, captured)
+    put back by the caller). First the runs beside the file (PyTorch float32 with the pairs
+    checked, onnxruntime, the float reference), then the float64 runs: the file's sessions and
+    the model's float64 copy are never in memory at once (the outputs of every batch are kept
+    in between)."""
+    file_index = onnx_replay.FileIndex(onnx.load(str(path)))  # once: pieces cut in linear time
+    runs, pairs, captured, first_inputs = _runs_beside_the_file(
+        qmodel, path, file_index, samples, reference, providers, quiet)
+    for holder in tap_holders(qmodel):
+        holder.tap = None  # the float64 copy runs without them
+    exact = copy.deepcopy(qmodel).double()
     errors = {"onnx": [], "torch": [], "onnx_float": [], "torch_float": []}
     sums = {}
     count, terms = 0, 1
-    for index, batch in enumerate(calibration_batches(samples, None, torch.device("cpu"),
-                                                      "Verifying ONNX", quiet)):
-        args, kwargs, _ = split_batch(qmodel, batch)
-        named = output_leaves(qmodel(*args, **kwargs))
-        pairs.flush()
-        leaves = [t.float() for _, t in named]
-        if index == 0:
-            for state in (layer_state(m) for m in quantized_layers(qmodel).values()):
-                state.tap = None  # layer inputs of the first batch are enough for the replay
-            _install_pair_taps_only(qmodel, pairs)
-        inputs = onnx_replay.feed(ort_session, qmodel, args, kwargs)
-        if index == 0:
-            first_inputs = inputs
-        actual = onnx_replay.run(ort_session, inputs)
-        if len(actual) != len(leaves):
-            raise ValueError(f"{path}: {len(actual)} outputs in the file, {len(leaves)} in PyTorch")
-        double = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    double = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    for index, (args, kwargs, names, leaves, actual, floats) in enumerate(runs):
         exact_args, exact_kwargs = map_tensors(args, double), map_tensors(kwargs, double)
         # K (the float32 floor's accumulation length) counted on the first batch's float64
         # forward, which runs anyway
@@ -226,26 +213,26 @@ def _verify(qmodel, path, samples, reference, providers, quiet) -> dict:
         size = int(leaves[0].shape[0]) if leaves and leaves[0].dim() else 1
         errors["onnx"].extend(_per_sample_errors(actual, truth, size))
         errors["torch"].extend(_per_sample_errors(leaves, truth, size))
-        if reference is not None:
-            floats = [t for _, t in output_leaves(reference(*args, **kwargs))]
+        if floats is not None:
             errors["onnx_float"].extend(_per_sample_errors(actual, floats, size))
             errors["torch_float"].extend(_per_sample_errors(leaves, floats, size))
         pairs_of = {"onnx_vs_torch": (actual, leaves), "onnx_vs_float64": (actual, truth),
                     "torch_vs_float64": (leaves, truth)}
-        if reference is not None:
+        if floats is not None:
             pairs_of.update(onnx_vs_float=(actual, floats), torch_vs_float=(leaves, floats))
         for comparison, (tests, references) in pairs_of.items():
-            for (name, _), test, wanted in zip(named, tests, references):
+            for name, test, wanted in zip(names, tests, references):
                 entry = sums.setdefault(name, {}).setdefault(comparison, [0.0, 0.0, 0.0])
                 test, wanted = test.double(), wanted.double()
                 entry[0] += float(wanted.square().sum())
                 entry[1] += float((test - wanted).square().sum())
                 entry[2] = max(entry[2], float((test - wanted).abs().max()) if test.numel() else 0.0)
         count += size
+        runs[index] = None  # this batch's outputs are no longer needed
     if count < 2:
         raise ValueError("verify_onnx needs at least 2 samples: the whole-model check compares "
                          "per-sample deviations")
-    del exact, ort_session  # the replay's sessions come next: not beside these
+    del exact  # the replay's sessions come next: not beside it
     layers = replay_layers(file_index, qmodel, captured, providers, first_inputs)
     for result in pairs.results.values():
         result["bit_exact"] = result["mismatches"] == 0
@@ -263,6 +250,40 @@ def _verify(qmodel, path, samples, reference, providers, quiet) -> dict:
     if reference is not None:
         report["fidelity"] = paired_test(errors["onnx_float"], errors["torch_float"])
     return report
+
+
+def _runs_beside_the_file(qmodel, path, file_index, samples, reference, providers, quiet):
+    """Each batch through ``qmodel`` (its Q/DQ pairs checked on the way, its layers' inputs
+    captured on the first batch), the file (a default session) and ``reference``. Returns
+    (per batch: inputs, output names, float32 outputs, onnxruntime's, the reference's or None;
+    the pairs; the captured inputs; the file's inputs on the first batch); the sessions are
+    freed on return."""
+    ort_session = onnx_replay.session(path, providers)  # the file as written (no proto copy)
+    pairs = _Pairs(file_index, quant_points(qmodel), providers)
+    captured: dict = {}
+    _install_taps(qmodel, pairs, captured)
+    runs, first_inputs = [], None
+    for index, batch in enumerate(calibration_batches(samples, None, torch.device("cpu"),
+                                                      "Verifying ONNX", quiet)):
+        args, kwargs, _ = split_batch(qmodel, batch)
+        named = output_leaves(qmodel(*args, **kwargs))
+        pairs.flush()
+        leaves = [t.float() for _, t in named]
+        if index == 0:
+            for state in (layer_state(m) for m in quantized_layers(qmodel).values()):
+                state.tap = None  # layer inputs of the first batch are enough for the replay
+            _install_pair_taps_only(qmodel, pairs)
+        inputs = onnx_replay.feed(ort_session, qmodel, args, kwargs)
+        if index == 0:
+            first_inputs = inputs
+        actual = onnx_replay.run(ort_session, inputs)
+        if len(actual) != len(leaves):
+            raise ValueError(f"{path}: {len(actual)} outputs in the file, {len(leaves)} in PyTorch")
+        floats = None if reference is None else \
+            [t for _, t in output_leaves(reference(*args, **kwargs))]
+        runs.append((args, kwargs, [name for name, _ in named], leaves, actual, floats))
+    pairs.pieces = None  # every batch is checked: its session can go
+    return runs, pairs, captured, first_inputs
 
 
 def _whole_model(paired: dict, sums: dict, terms: int) -> dict:

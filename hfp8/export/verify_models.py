@@ -21,7 +21,13 @@ from torch import nn
 from hfp8.ptq.operand_sites import operand_sites
 from hfp8.ptq.quantizers import layer_state, quantized_layers
 
-__all__ = ["verification_model"]
+__all__ = ["verification_model", "tap_holders"]
+
+
+def tap_holders(qmodel: nn.Module) -> list:
+    """Every object of ``qmodel`` with a ``tap``: its layers' states, its attention sites."""
+    return [layer_state(layer) for layer in quantized_layers(qmodel).values()] + \
+        [site for _, site in operand_sites(qmodel).values()]
 
 
 @contextlib.contextmanager
@@ -35,9 +41,7 @@ def verification_model(qmodel: nn.Module):
         yield copy.deepcopy(qmodel).eval().cpu().float()
         return
     modes = [(module, module.training) for module in qmodel.modules()]
-    holders = [layer_state(layer) for layer in quantized_layers(qmodel).values()]
-    holders += [site for _, site in operand_sites(qmodel).values()]
-    taps = [(holder, holder.tap) for holder in holders]
+    taps = [(holder, holder.tap) for holder in tap_holders(qmodel)]
     qmodel.eval()
     try:
         yield qmodel
