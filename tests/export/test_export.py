@@ -189,9 +189,13 @@ def test_operations_our_old_translator_lacked_now_export(tmp_path):
 def test_export_does_not_touch_the_model(tmp_path):
     qmodel = _quantized("cnn").train()
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    parameters = dict(qmodel.named_parameters())  # the export's copy shares the weights
     hfp8.export_onnx(qmodel, tmp_path / "q.onnx", calibration_batches(1)[0])
     assert qmodel.training
     assert all(torch.equal(v, before[k]) for k, v in qmodel.state_dict().items())
+    after = dict(qmodel.named_parameters())
+    assert after.keys() == parameters.keys()
+    assert all(after[k] is parameters[k] and type(after[k]) is nn.Parameter for k in after)
 
 
 def test_manifest_travels_in_the_metadata(tmp_path):
