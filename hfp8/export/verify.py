@@ -35,6 +35,7 @@ import math
 import numpy as np
 import onnx
 import torch
+from tqdm.auto import tqdm
 
 from hfp8.data.batches import calibration_batches
 from hfp8.data.model_io import map_tensors, output_leaves, split_batch
@@ -202,7 +203,9 @@ def _verify(qmodel, path, samples, reference, providers, quiet) -> dict:
     sums = {}
     count, terms = 0, 1
     double = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
-    for index, (args, kwargs, names, leaves, actual, floats) in enumerate(runs):
+    float64_runs = tqdm(runs, desc="Verifying ONNX (float64 runs)", unit="batch", disable=quiet,
+                        leave=False, dynamic_ncols=True)
+    for index, (args, kwargs, names, leaves, actual, floats) in enumerate(float64_runs):
         exact_args, exact_kwargs = map_tensors(args, double), map_tensors(kwargs, double)
         # K (the float32 floor's accumulation length) counted on the first batch's float64
         # forward, which runs anyway
