@@ -31,16 +31,27 @@ def _char_lm():
     return model, hfp8.quantize_model(model, batches, quiet=True), batches
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each stand-in quantized and exported once for the module: name -> (float model,
+    quantized model, batches, file). Tests put back whatever they change."""
+    folder = tmp_path_factory.mktemp("verify_models")
+    made = {}
+    for name, make in (("mlp", _mlp), ("transformer", _char_lm)):
+        model, qmodel, batches = make()
+        hfp8.export_onnx(qmodel, folder / f"{name}.onnx", batches[0])
+        made[name] = (model, qmodel, batches, folder / f"{name}.onnx")
+    return made
+
+
 def _taps(qmodel) -> list:
     return [layer_state(layer).tap for layer in quantized_layers(qmodel).values()] + \
         [site.tap for _, site in operand_sites(qmodel).values()]
 
 
-@pytest.mark.parametrize("make", [_mlp, _char_lm], ids=["mlp", "transformer"])
-def test_verification_taps_the_model_in_place_and_puts_it_back(tmp_path, make):
-    model, qmodel, batches = make()
-    path = tmp_path / "m.onnx"
-    hfp8.export_onnx(qmodel, path, batches[0])
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_verification_taps_the_model_in_place_and_puts_it_back(exported, name):
+    model, qmodel, batches, path = exported[name]
     qmodel.train()  # a caller's model in train mode, one part of it in eval mode: each
     next(iter(qmodel.children())).eval()  # module's flag comes back as it was
     modes = [module.training for module in qmodel.modules()]
@@ -50,12 +61,11 @@ def test_verification_taps_the_model_in_place_and_puts_it_back(tmp_path, make):
     assert [module.training for module in qmodel.modules()] == modes
     assert _taps(qmodel) == taps and all(tap is None for tap in taps)
     assert all(torch.equal(before[key], value) for key, value in qmodel.state_dict().items())
+    qmodel.eval()
 
 
-def test_an_interrupted_verification_puts_the_model_back(tmp_path, monkeypatch):
-    _, qmodel, batches = _char_lm()
-    path = tmp_path / "m.onnx"
-    hfp8.export_onnx(qmodel, path, batches[0])
+def test_an_interrupted_verification_puts_the_model_back(exported, monkeypatch):
+    _, qmodel, batches, path = exported["transformer"]
 
     def failing_run(*args, **kwargs):
         raise RuntimeError("onnxruntime crashed")
@@ -66,21 +76,20 @@ def test_an_interrupted_verification_puts_the_model_back(tmp_path, monkeypatch):
     assert all(tap is None for tap in _taps(qmodel)) and not qmodel.training
 
 
-def test_a_model_not_in_float32_on_the_cpu_is_verified_on_a_copy(tmp_path):
-    model, qmodel, batches = _mlp()
-    path = tmp_path / "m.onnx"
-    hfp8.export_onnx(qmodel, path, batches[0])
+def test_a_model_not_in_float32_on_the_cpu_is_verified_on_a_copy(exported):
+    model, qmodel, batches, path = exported["mlp"]
     qmodel.double()
-    assert passed(hfp8.verify_onnx(qmodel, path, batches, reference=model))
-    assert all(t.dtype == torch.float64 for t in qmodel.parameters())  # the caller's, untouched
+    try:
+        assert passed(hfp8.verify_onnx(qmodel, path, batches, reference=model))
+        assert all(t.dtype == torch.float64 for t in qmodel.parameters())  # left as it was
+    finally:
+        qmodel.float()
 
 
-def test_a_model_on_the_cpu_in_float32_is_verified_itself_not_a_copy(tmp_path, monkeypatch):
+def test_a_model_on_the_cpu_in_float32_is_verified_itself_not_a_copy(exported, monkeypatch):
     from hfp8.export import verify
 
-    model, qmodel, batches = _mlp()
-    path = tmp_path / "m.onnx"
-    hfp8.export_onnx(qmodel, path, batches[0])
+    model, qmodel, batches, path = exported["mlp"]
     seen = []
     original = verify._verify
     monkeypatch.setattr(verify, "_verify", lambda tapped, *rest: seen.append(tapped) or
