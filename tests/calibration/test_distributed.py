@@ -227,9 +227,10 @@ def test_torchrun_quantize_writes_once_the_model_one_process_makes(tmp_path, wor
     subprocess.run([EXE, *common, "-o", "single.pt"], check=True, capture_output=True, cwd=folder,
                    env=one_thread)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", str(world), "-m", "hfp8.cli", *common,
-                             "-o", "sharded.pt", "--dist-timeout", "60"], capture_output=True,
-                            text=True, cwd=folder, timeout=300, env=one_thread)
+    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", str(world), "-m",
+                             "hfp8.cli", *common, "-o", "sharded.pt", "--dist-timeout", "60"],
+                            capture_output=True, text=True, cwd=folder, timeout=300,
+                            env=one_thread)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("wrote sharded.pt") == 1  # rank 0 alone
     single = torch.load(folder / "single.pt", weights_only=True)
@@ -256,9 +257,9 @@ def test_torchrun_an_input_error_on_every_rank_ends_the_run_with_its_exit_code(t
                    capture_output=True)
     folder = tmp_path / "demo"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "hfp8.cli", "quantize",
-                             "model.pt", "--arch", "hfp8.examples:no_such_factory", "--calib",
-                             "calibration", *FLAGS, "--quiet", "-o", "out.pt",
+    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "hfp8.cli",
+                             "quantize", "model.pt", "--arch", "hfp8.examples:no_such_factory",
+                             "--calib", "calibration", *FLAGS, "--quiet", "-o", "out.pt",
                              "--dist-timeout", "60"],
                             capture_output=True, text=True, cwd=folder, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
